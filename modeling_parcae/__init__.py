@@ -1,0 +1,29 @@
+"""Parcae looped language models for Hugging Face transformers.
+
+Importing this package registers ``model_type="parcae"`` with ``AutoConfig`` and ``AutoModelForCausalLM``.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .cache_parcae import ParcaeCache
+from .configuration_parcae import ParcaeConfig
+from .modeling_parcae import ParcaeForCausalLM, ParcaeModel, ParcaePreTrainedModel
+from .presets import list_presets, load_preset
+
+
+AutoConfig.register("parcae", ParcaeConfig, exist_ok=True)
+AutoModelForCausalLM.register(ParcaeConfig, ParcaeForCausalLM, exist_ok=True)
+# save_pretrained writes `auto_map` and copies the remote-code files next to the weights
+ParcaeConfig.register_for_auto_class()
+ParcaeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__version__ = "0.1.0"
+__all__ = [
+    "ParcaeCache",
+    "ParcaeConfig",
+    "ParcaeForCausalLM",
+    "ParcaeModel",
+    "ParcaePreTrainedModel",
+    "list_presets",
+    "load_preset",
+]

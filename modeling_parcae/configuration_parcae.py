@@ -1,0 +1,269 @@
+"""Parcae model configuration.
+
+Field names follow transformers conventions (``hidden_size``, ``rms_norm_eps``, ...); the docstring of each
+field names the official ``parcae_lm`` field it mirrors, so conversion is a plain rename (see ``conversion/``).
+
+This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+
+INJECTION_TYPES = ("diagonal", "linear", "add")
+STATE_INITS = ("like-init", "zero", "normal", "embed", "unit")
+INFERENCE_STATE_INITS = ("zero", "config")
+SAMPLING_SCHEMES = ("poisson-truncated-full", "poisson-full", "fixed")
+ITERATION_METHODS = ("per-batch", "per-sequence", "per-token")
+
+
+def _alternate_ending_on_last(index: int, count: int) -> bool:
+    """The official value-embedding rule ``has_ve``: every other layer, always including the last one."""
+    return index % 2 == (count - 1) % 2
+
+
+@strict(accept_kwargs=True)
+class ParcaeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Parcae looped language model (prelude -> core looped ``num_loops`` times -> coda), or of the
+    paper's fixed-depth Transformer baseline (``looped=False``: the prelude blocks alone).
+
+    Args:
+        vocab_size: embedding rows, the *padded* vocabulary (official ``padded_vocab_size``).
+        hidden_size: model width (official ``n_embd``).
+        intermediate_size: MLP width of prelude and coda blocks.
+        num_attention_heads / num_key_value_heads: attention heads of prelude and coda blocks (kv heads default to
+            the heads; GQA when fewer).
+        num_prelude_layers / num_core_layers / num_coda_layers: official ``n_layers_in_prelude`` /
+            ``n_layers_in_recurrent_block`` / ``n_layers_in_coda``.
+        state_size: width of the recurrent state (official ``recurrent_embedding_dimension``, default hidden_size).
+        core_intermediate_size / core_num_attention_heads: the core blocks' MLP width and heads (official
+            ``recurrent_intermediation_embedding_dimension`` / ``recurrent_num_attention_heads``).
+        injection_type: how the prelude output ``e`` enters each loop: ``diagonal`` (Parcae,
+            ``h*exp(-dt*A) + dt*(e B^T)``), ``linear`` (``W [h; e]``, prior looped models) or ``add`` (``h + e``).
+        state_init: initial recurrent state in training (official semantics: ``like-init`` truncated normal with the
+            embedding std, ``zero``, ``normal``, ``embed``, ``unit``).
+        inference_state_init: initial state outside training: ``zero`` (deterministic, the default of this project)
+            or ``config`` (use ``state_init``, the official behaviour, random for the released models).
+        prelude_norm: RMSNorm on the prelude output before it is injected.
+        qk_norm: weightless RMSNorm (float32-epsilon) on queries and keys after RoPE.
+        value_embedding_gate_channels: input channels of the value-embedding gate (official: 32).
+        rope_parameters: ``{"rope_type": "default", "rope_theta": 50000.0}``; RoPE rotates interleaved pairs.
+        max_position_embeddings: official ``block_size``.
+        rms_norm_eps: official ``norm_eps``.
+        logit_softcap: ``softcap * tanh(logits / softcap)`` when set.
+        bias: bias on every linear layer (official ``bias``).
+        mean_recurrence / mean_backprop_depth: training depth mean and truncated-backprop depth; both also shape the
+            value-embedding gate rule, so they are architecture fields.
+        sampling_scheme / recurrent_iteration_method: how training samples the depth (and whether per batch,
+            sequence or token).
+        depth_sampling_seed: base seed of the depth sampler (official 514229, offset by the training step).
+        num_loops: test-time loop count, default ``mean_recurrence``; ``from_pretrained(path, num_loops=N)`` sets it.
+        train_num_loops: fixed training depth instead of sampling (``None``: sample per ``sampling_scheme``).
+        looped: ``False`` builds the paper's Transformer baseline (official GPT class).
+        original_vocab_size / padding_multiple: the official unpadded vocabulary and padding, kept for conversion.
+    """
+
+    model_type = "parcae"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "*.self_attn.q_proj": "colwise",
+        "*.self_attn.k_proj": "colwise",
+        "*.self_attn.v_proj": "colwise",
+        "*.self_attn.o_proj": "rowwise",
+        "*.mlp.up_proj": "colwise",
+        "*.mlp.down_proj": "rowwise",
+    }
+
+    vocab_size: int = 32768
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 6
+    num_key_value_heads: int | None = None
+    num_prelude_layers: int = 2
+    num_core_layers: int = 2
+    num_coda_layers: int = 2
+    state_size: int | None = None
+    core_intermediate_size: int | None = None
+    core_num_attention_heads: int | None = None
+    injection_type: str = "diagonal"
+    state_init: str = "like-init"
+    inference_state_init: str = "zero"
+    prelude_norm: bool = True
+    qk_norm: bool = True
+    value_embedding_gate_channels: int = 32
+    rope_parameters: dict | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    logit_softcap: float | None = None
+    bias: bool = False
+    tie_word_embeddings: bool = True
+    mean_recurrence: int = 8
+    mean_backprop_depth: int = 4
+    sampling_scheme: str = "poisson-truncated-full"
+    recurrent_iteration_method: str = "per-sequence"
+    depth_sampling_seed: int = 514229
+    num_loops: int | None = None
+    train_num_loops: int | None = None
+    looped: bool = True
+    original_vocab_size: int | None = None
+    padding_multiple: int = 64
+    use_cache: bool = True
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = 2
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.state_size is None:
+            self.state_size = self.hidden_size
+        if self.core_intermediate_size is None:
+            self.core_intermediate_size = self.intermediate_size
+        if self.core_num_attention_heads is None:
+            self.core_num_attention_heads = self.num_attention_heads
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 50000.0}
+        if self.num_loops is None:
+            self.num_loops = self.mean_recurrence
+        if self.original_vocab_size is None:
+            self.original_vocab_size = self.vocab_size
+        super().__post_init__(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # validation (called by @strict after __post_init__)
+    # ----------------------------------------------------------------------------------------------------------
+    def validate_architecture(self):
+        """Reject configurations the model cannot build, naming the offending field."""
+        _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                        "num_key_value_heads", "max_position_embeddings", "mean_recurrence")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = hidden_size / num_attention_heads = {self.head_dim} must be even for RoPE")
+        if self.num_prelude_layers < 1:
+            raise ValueError(f"num_prelude_layers must be >= 1, got {self.num_prelude_layers}")
+        if self.value_embedding_gate_channels > self.hidden_size:
+            raise ValueError(
+                f"value_embedding_gate_channels ({self.value_embedding_gate_channels}) exceeds hidden_size "
+                f"({self.hidden_size})"
+            )
+        validate_num_loops(self.num_loops, "num_loops")
+        if self.train_num_loops is not None:
+            validate_num_loops(self.train_num_loops, "train_num_loops")
+        if not self.looped:
+            if self.num_core_layers or self.num_coda_layers:
+                raise ValueError(
+                    "looped=False (Transformer baseline) needs num_core_layers=0 and num_coda_layers=0, got "
+                    f"{self.num_core_layers} and {self.num_coda_layers}"
+                )
+            return
+        _check_positive(self, "num_core_layers", "state_size", "core_intermediate_size", "core_num_attention_heads",
+                        "mean_backprop_depth")
+        _check_choice(self, "injection_type", INJECTION_TYPES)
+        _check_choice(self, "state_init", STATE_INITS)
+        _check_choice(self, "inference_state_init", INFERENCE_STATE_INITS)
+        _check_choice(self, "sampling_scheme", SAMPLING_SCHEMES)
+        _check_choice(self, "recurrent_iteration_method", ITERATION_METHODS)
+        if self.state_size % self.core_num_attention_heads:
+            raise ValueError(
+                f"state_size ({self.state_size}) must be divisible by core_num_attention_heads "
+                f"({self.core_num_attention_heads})"
+            )
+        if self.state_size // self.core_num_attention_heads != self.head_dim:
+            raise ValueError(
+                "core blocks share the RoPE table of the main blocks: state_size / core_num_attention_heads "
+                f"({self.state_size // self.core_num_attention_heads}) must equal head_dim ({self.head_dim})"
+            )
+        if self.injection_type == "add" and self.state_size != self.hidden_size:
+            raise ValueError(
+                f"injection_type='add' needs state_size == hidden_size, got {self.state_size} and {self.hidden_size}"
+            )
+        if self.state_size != self.hidden_size:
+            # Core blocks own value-embedding gates of width hidden_size-derived kv heads; the official code only
+            # ever trains state_size == hidden_size, so other widths are rejected rather than guessed.
+            raise ValueError(
+                f"state_size ({self.state_size}) different from hidden_size ({self.hidden_size}) is not supported"
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # derived quantities
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Physical (parameter-owning) blocks: prelude + core + coda."""
+        return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+
+    def num_cache_slots(self, num_loops: int | None = None) -> int:
+        """Executed blocks per forward, i.e. KV-cache slots: prelude + num_loops * core + coda."""
+        loops = self.num_loops if num_loops is None else num_loops
+        return self.num_prelude_layers + loops * self.num_core_layers + self.num_coda_layers
+
+    @property
+    def initializer_range(self) -> float:
+        """The official "scaled-zero" std sqrt(2 / (5 d)), also the std of the like-init state."""
+        return math.sqrt(2.0 / (5.0 * self.hidden_size))
+
+    def value_embedding_table_indices(self) -> list[int]:
+        """Effective block indices (prelude i, core P+j, coda P+R+i) that own a value-embedding table."""
+        total = self.num_hidden_layers
+        return [index for index in range(total) if _alternate_ending_on_last(index, total)]
+
+    def block_has_value_embedding_gate(self, stage: str, index: int) -> bool:
+        """The official gate rule, which differs from the table rule (reference §3.2).
+
+        Looped models test ``layer_id`` against ``n_layer = num_core_layers * mean_backprop_depth`` where layer ids
+        are prelude ``i``, core ``P + j`` and coda ``P + R * mean_recurrence + i``; the baseline tests ``i`` against
+        its own depth.
+        """
+        if not self.looped:
+            return _alternate_ending_on_last(index, self.num_prelude_layers)
+        offset = {
+            "prelude": 0,
+            "core": self.num_prelude_layers,
+            "coda": self.num_prelude_layers + self.num_core_layers * self.mean_recurrence,
+        }[stage]
+        return _alternate_ending_on_last(offset + index, self.num_core_layers * self.mean_backprop_depth)
+
+    def block_effective_index(self, stage: str, index: int) -> int:
+        """Index of a block among prelude + core + coda, the key of its value-embedding table."""
+        offset = {"prelude": 0, "core": self.num_prelude_layers,
+                  "coda": self.num_prelude_layers + self.num_core_layers}[stage]
+        return offset + index
+
+
+def validate_num_loops(value, name: str = "num_loops") -> None:
+    """A loop count is a positive integer (bools and floats are rejected, even 4.0)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_positive(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if value is None or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_choice(config, name, choices):
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+
+
+__all__ = ["ParcaeConfig"]

@@ -1,0 +1,705 @@
+"""Parcae: a stable looped language model (Prairie et al., 2026) in the shape of transformers' Llama.
+
+Data flow: tokens -> prelude blocks -> ``e = prelude_norm(x)`` -> state ``h`` (zero / random / given) -> ``num_loops`` x
+[``u = injection(h, e)``; core blocks] -> ``state_readout`` -> coda blocks -> norm -> tied head.
+Numerics follow the official implementation exactly (interleaved-pair RoPE, weightless qk-norm with float32 epsilon
+after RoPE, value embeddings gated by the first 32 normed channels, 0.5 * relu^2, RMSNorm in float32).
+
+Deliberate deviations from the official code (documented in the README): ``attention_mask`` is honoured (the
+official code ignores it), and the initial state at inference is zero unless ``config.inference_state_init="config"``.
+
+This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward
+from transformers.utils import can_return_tuple, logging
+
+from .cache_parcae import ParcaeCache, cache_slot
+from .configuration_parcae import ParcaeConfig, validate_num_loops
+
+
+logger = logging.get_logger(__name__)
+
+LoopCount = int | tuple[int, int] | list[int] | torch.Tensor
+
+
+class ParcaeRotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE, computed in float32 exactly like the official ``freqs_cis`` buffer."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: ParcaeConfig):
+        super().__init__()
+        dim = config.head_dim
+        theta = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # elementwise product == torch.outer in the official table, so the angles are bit-identical
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        return freqs.cos(), freqs.sin()
+
+
+def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the last dim (the GPT-J / "complex" layout of the official code).
+
+    ``x`` is (B, heads, T, D); ``cos``/``sin`` are (B, T, D/2) float32. Computed in float32, cast back.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None], sin[:, None]
+    rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class ParcaeMLP(nn.Module):
+    """``down_proj(0.5 * relu(up_proj(x))^2)`` — the official ReLU2 carries the 0.5 factor."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(0.5 * F.relu(self.up_proj(x)).square())
+
+
+class ParcaeAttention(nn.Module):
+    """Causal self-attention with value embeddings, interleaved RoPE and a weightless qk-norm after RoPE."""
+
+    def __init__(self, config: ParcaeConfig, hidden_size: int, num_heads: int, num_kv_heads: int, has_ve_gate: bool):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.num_heads = num_heads
+        self.num_key_value_groups = num_heads // num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias)
+        gate_channels = config.value_embedding_gate_channels
+        self.ve_gate = nn.Linear(gate_channels, num_kv_heads, bias=False) if has_ve_gate else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: ParcaeCache | None = None,
+        cache_slot: int | None = None,
+        value_embedding: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        value = self.v_proj(hidden_states).view(hidden_shape)
+        if value_embedding is not None and self.ve_gate is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(hidden_states[..., : self.ve_gate.in_features]))
+            value = value + gate.unsqueeze(-1) * value_embedding.view(hidden_shape)
+
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        cos, sin = position_embeddings
+        query = apply_interleaved_rotary(query, cos, sin)
+        key = apply_interleaved_rotary(key, cos, sin)
+        if self.config.qk_norm:
+            # eps=None: PyTorch uses the float32 machine epsilon, as the official code does
+            query = F.rms_norm(query, (self.head_dim,))
+            key = F.rms_norm(key, (self.head_dim,))
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, cache_slot)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class ParcaeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block ``x + attn(norm(x))``, ``x + mlp(norm(x))``; used for prelude, core and coda alike."""
+
+    def __init__(
+        self,
+        config: ParcaeConfig,
+        hidden_size: int,
+        intermediate_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        has_ve_gate: bool,
+    ):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = ParcaeAttention(config, hidden_size, num_heads, num_kv_heads, has_ve_gate)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps)
+        self.mlp = ParcaeMLP(hidden_size, intermediate_size, config.bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: ParcaeCache | None = None,
+        cache_slot: int | None = None,
+        value_embedding: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            cache_slot=cache_slot,
+            value_embedding=value_embedding,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class ParcaeDiagonalInjection(nn.Module):
+    """Parcae's stable injection ``u = h * exp(-dt * A) + dt * (e B^T)`` with ``dt = softplus(dt_bias)``, ``A = exp(A_log)``.
+
+    ``dt > 0`` and ``A > 0`` keep every decay in (0, 1): the spectral radius of the state transition stays below 1.
+    """
+
+    def __init__(self, config: ParcaeConfig):
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(config.state_size))
+        self.dt_bias = nn.Parameter(torch.zeros(config.state_size))
+        self.B = nn.Parameter(torch.empty(config.state_size, config.hidden_size))
+
+    def decay(self) -> torch.Tensor:
+        """Per-channel state decay ``exp(-dt * A)``, in (0, 1)."""
+        return torch.exp(-F.softplus(self.dt_bias) * torch.exp(self.A_log))
+
+    def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(self.dt_bias)
+        return state * torch.exp(-dt * torch.exp(self.A_log)) + dt * F.linear(embeds, self.B)
+
+
+class ParcaeLinearInjection(nn.Module):
+    """Prior looped models' injection ``u = W [h; e]`` (state first), unconstrained."""
+
+    def __init__(self, config: ParcaeConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias)
+
+    def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([state, embeds], dim=-1))
+
+
+class ParcaeAdditiveInjection(nn.Module):
+    """``u = h + e``: no parameters."""
+
+    def __init__(self, config: ParcaeConfig):
+        super().__init__()
+
+    def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return state + embeds
+
+
+INJECTION_CLASSES = {
+    "diagonal": ParcaeDiagonalInjection,
+    "linear": ParcaeLinearInjection,
+    "add": ParcaeAdditiveInjection,
+}
+
+
+@dataclass
+class LoopSchedule:
+    """How many core iterations run without / with gradient, and which samples are active at each iteration.
+
+    ``no_grad_depth``/``grad_depth`` are per-sample (or per-token) counts; every sample runs ``max`` iterations of each
+    phase and is frozen (``torch.where``) once its own count is exhausted, as the official per-sequence sampler does.
+    """
+
+    no_grad_depth: torch.Tensor
+    grad_depth: torch.Tensor
+
+    @classmethod
+    def fixed(cls, no_grad: int, with_grad: int) -> "LoopSchedule":
+        return cls(torch.tensor([no_grad]), torch.tensor([with_grad]))
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.no_grad_depth + self.grad_depth
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.total.numel() == 1 or bool((self.total == self.total.flatten()[0]).all())
+
+    def steps(self) -> list[tuple[bool, torch.Tensor | None]]:
+        """``(with_grad, active)`` per iteration; ``active`` is None when every sample runs it."""
+        result = []
+        for phase_depth, with_grad in ((self.no_grad_depth, False), (self.grad_depth, True)):
+            for step in range(int(phase_depth.max())):
+                active = phase_depth > step
+                result.append((with_grad, None if bool(active.all()) else active))
+        return result
+
+
+def resolve_loop_count(num_loops: LoopCount, name: str = "num_loops") -> tuple[int, int]:
+    """Normalise an int or a ``(no_grad, with_grad)`` pair to a pair, rejecting anything else with a clear error."""
+    if isinstance(num_loops, torch.Tensor):
+        num_loops = num_loops.tolist()
+    if isinstance(num_loops, (tuple, list)):
+        if len(num_loops) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in num_loops):
+            raise ValueError(f"{name} as a sequence must be a (no_grad, with_grad) pair of integers, got {num_loops!r}")
+        no_grad, with_grad = num_loops
+        if no_grad < 0 or with_grad < 0 or no_grad + with_grad < 1:
+            raise ValueError(f"{name}={num_loops!r}: both counts must be >= 0 and their sum >= 1")
+        return no_grad, with_grad
+    validate_num_loops(num_loops, name)
+    return 0, num_loops
+
+
+def sample_loop_schedule(config: ParcaeConfig, batch_size: int, seq_len: int, step: int) -> LoopSchedule:
+    """Sample a training depth per ``config.sampling_scheme`` / ``recurrent_iteration_method`` (reference §2.7).
+
+    Seeded from ``depth_sampling_seed + step`` on a private CPU generator, so a run is reproducible from its step.
+    """
+    generator = torch.Generator().manual_seed((config.depth_sampling_seed + step) % (2**31 - 1))
+    shape = {"per-batch": (1,), "per-sequence": (batch_size,), "per-token": (batch_size, seq_len)}[
+        config.recurrent_iteration_method
+    ]
+    backprop = config.mean_backprop_depth
+    forward_only = max(config.mean_recurrence - backprop, 0)
+    if config.sampling_scheme == "fixed":
+        return LoopSchedule(torch.full(shape, forward_only), torch.full(shape, backprop))
+    rate = torch.full(shape, float(forward_only + backprop if config.sampling_scheme == "poisson-full"
+                                   else config.mean_recurrence))
+    total = torch.poisson(rate, generator=generator).long().clamp(min=1)
+    if config.sampling_scheme == "poisson-full":
+        return LoopSchedule(torch.zeros_like(total), total)
+    with_grad = total.clamp(max=backprop)  # poisson-truncated-full: only the last <= backprop loops get gradients
+    return LoopSchedule(total - with_grad, with_grad)
+
+
+def initialize_state(
+    method: str, embeds: torch.Tensor, state_size: int, std: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Initial recurrent state with the official semantics of each ``state_init`` (reference §2.5)."""
+    shape = (*embeds.shape[:-1], state_size)
+    if method == "zero":
+        return embeds.new_zeros(shape)
+    noise = torch.randn(shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
+    if method == "normal":
+        return noise
+    if method == "embed":
+        return noise / math.sqrt(embeds.shape[-1])
+    if method == "unit":
+        return (noise - noise.mean(-1, keepdim=True)) / (noise.std(-1, keepdim=True) + 1e-8)
+    # like-init: the official code draws randn and then overwrites it with a truncated normal (two RNG draws)
+    return nn.init.trunc_normal_(noise, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+
+class ParcaePreTrainedModel(PreTrainedModel):
+    config: ParcaeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ParcaeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the loop count is a Python int and the cache is dynamic
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The official "scaled-zero" initialisation with orthogonal matrices (reference §3.7).
+
+        Matrices: orthogonal with std sqrt(2/(5d)); output projections (o_proj, down_proj) zero; norms one; value
+        embeddings N(0, 1); value-embedding gates keep PyTorch's Linear default; diagonal injection starts at decay
+        sqrt(1/5) with B = identity (orthogonal if not square).
+        """
+        std = self.config.initializer_range
+        if isinstance(module, ParcaeAttention):
+            for proj in (module.q_proj, module.k_proj, module.v_proj):
+                _orthogonal_scaled(proj.weight, std)
+            init.zeros_(module.o_proj.weight)
+            if module.ve_gate is not None:
+                init.kaiming_uniform_(module.ve_gate.weight, a=math.sqrt(5))
+        elif isinstance(module, ParcaeMLP):
+            _orthogonal_scaled(module.up_proj.weight, std)
+            init.zeros_(module.down_proj.weight)
+        elif isinstance(module, ParcaeDiagonalInjection):
+            init.zeros_(module.A_log)
+            initial_dt = -math.log(math.sqrt(1 / 5))
+            init.constant_(module.dt_bias, math.log(math.expm1(initial_dt)))  # softplus^-1
+            if module.B.shape[0] == module.B.shape[1]:
+                init.eye_(module.B)
+            else:
+                init.orthogonal_(module.B)
+        elif isinstance(module, ParcaeLinearInjection):
+            init.trunc_normal_(module.proj.weight, std=std, a=-3 * std, b=3 * std)
+        elif isinstance(module, ParcaeModel):
+            _orthogonal_scaled(module.embed_tokens.weight, std)
+            if module.state_readout is not None:
+                _orthogonal_scaled(module.state_readout.weight, std)
+            for table in module.value_embeddings.values():
+                init.normal_(table.weight, mean=0.0, std=1.0)
+        elif isinstance(module, LlamaRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, ParcaeRotaryEmbedding):
+            dim, theta = self.config.head_dim, self.config.rope_parameters["rope_theta"]
+            init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            init.zeros_(module.bias)
+
+
+def _orthogonal_scaled(weight: torch.Tensor, std: float) -> None:
+    """Orthogonal init whose entries have standard deviation ``std`` (gain = std * sqrt(max(rows, cols)))."""
+    init.orthogonal_(weight, gain=std * math.sqrt(max(weight.shape)))
+
+
+class ParcaeModel(ParcaePreTrainedModel):
+    """Prelude -> looped core -> coda, returning the final normed hidden states."""
+
+    def __init__(self, config: ParcaeConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.prelude = self._build_stage("prelude", config.num_prelude_layers)
+        self.looped = config.looped
+        if config.looped:
+            self.prelude_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.prelude_norm else None
+            self.injection = INJECTION_CLASSES[config.injection_type](config)
+            self.core = self._build_stage("core", config.num_core_layers)
+            self.state_readout = nn.Linear(config.state_size, config.hidden_size, bias=False)
+        else:
+            self.prelude_norm = self.injection = self.state_readout = None
+            self.core = nn.ModuleList()
+        self.coda = self._build_stage("coda", config.num_coda_layers)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        kv_dim = config.num_key_value_heads * config.head_dim
+        self.value_embeddings = nn.ModuleDict(
+            {str(index): nn.Embedding(config.vocab_size, kv_dim) for index in config.value_embedding_table_indices()}
+        )
+        self.rotary_emb = ParcaeRotaryEmbedding(config)
+        # Training-time depth sampler position; advanced after every sampled forward, saved/restored by training code.
+        self.depth_sampling_step = 0
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _build_stage(self, stage: str, count: int) -> nn.ModuleList:
+        config = self.config
+        core = stage == "core"
+        return nn.ModuleList(
+            ParcaeDecoderLayer(
+                config,
+                hidden_size=config.state_size if core else config.hidden_size,
+                intermediate_size=config.core_intermediate_size if core else config.intermediate_size,
+                num_heads=config.core_num_attention_heads if core else config.num_attention_heads,
+                num_kv_heads=config.core_num_attention_heads if core else config.num_key_value_heads,
+                has_ve_gate=config.block_has_value_embedding_gate(stage, index),
+            )
+            for index in range(count)
+        )
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: ParcaeCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        num_loops: LoopCount | None = None,
+        initial_state: torch.Tensor | None = None,
+        state_generator: torch.Generator | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> "ParcaeModelOutputWithPast":
+        r"""
+        num_loops (`int` or `(no_grad, with_grad)` pair, *optional*):
+            Core iterations. Default: ``config.num_loops`` in eval mode; in training mode ``config.train_num_loops``
+            if set, else a depth sampled per ``config.sampling_scheme``. An int in training mode back-propagates
+            through its last ``min(num_loops, mean_backprop_depth)`` iterations only.
+        initial_state (`torch.Tensor` of shape `(batch, seq_len, state_size)`, *optional*):
+            Explicit initial recurrent state; overrides every initialisation policy.
+        state_generator (`torch.Generator`, *optional*):
+            Generator for random initial states (``like-init`` etc.), for reproducible official-style sampling.
+        output_hidden_states (`bool`, *optional*):
+            Return ``(embeddings, prelude_1..P, loop_1..loop_T, coda_1..coda_C)``: each prelude block's output, the
+            recurrent state after each loop (before ``state_readout``), and each coda block's output (before the
+            final norm).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is None and len(self.value_embeddings):
+            raise ValueError("Parcae mixes value embeddings looked up from token ids: pass input_ids, not inputs_embeds")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        schedule = self._loop_schedule(num_loops, batch_size, seq_len) if self.looped else LoopSchedule.fixed(0, 1)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            if not schedule.is_uniform:
+                raise ValueError("a KV cache needs one loop count for the whole batch; pass an int num_loops")
+            past_key_values = ParcaeCache(self.config, num_loops=int(schedule.total.flatten()[0]))
+        if past_key_values is not None and self.looped:
+            past_key_values.check_num_loops(int(schedule.total.max()))
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        position_ids = self._position_ids(position_ids, attention_mask, past_length, batch_size, seq_len,
+                                          inputs_embeds.device)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        block_kwargs = dict(
+            attention_mask=causal_mask,
+            position_embeddings=self.rotary_emb(position_ids),
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        value_embeddings = self._lookup_value_embeddings(input_ids)
+        all_hidden_states = [inputs_embeds] if output_hidden_states else None
+
+        hidden_states = self._run_stage("prelude", inputs_embeds, value_embeddings, block_kwargs, all_hidden_states)
+        if self.looped:
+            embeds = self.prelude_norm(hidden_states) if self.prelude_norm is not None else hidden_states
+            state = self._initial_state(embeds, initial_state, state_generator)
+            state = self._iterate(state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states)
+            hidden_states = self.state_readout(state)
+        hidden_states = self._run_stage("coda", hidden_states, value_embeddings, block_kwargs, all_hidden_states)
+        hidden_states = self.norm(hidden_states)
+
+        return ParcaeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            num_loops=schedule.total,
+        )
+
+    # -- pieces of the forward pass ----------------------------------------------------------------------------
+
+    def _loop_schedule(self, num_loops: LoopCount | None, batch_size: int, seq_len: int) -> LoopSchedule:
+        config = self.config
+        if num_loops is None and self.training:
+            if config.train_num_loops is None:
+                schedule = sample_loop_schedule(config, batch_size, seq_len, self.depth_sampling_step)
+                self.depth_sampling_step += 1
+                return schedule
+            num_loops = config.train_num_loops
+        if num_loops is None:
+            num_loops = config.num_loops
+        is_pair = isinstance(num_loops, (tuple, list)) or (isinstance(num_loops, torch.Tensor) and num_loops.numel() > 1)
+        no_grad, with_grad = resolve_loop_count(num_loops)
+        if self.training and not is_pair:
+            total = no_grad + with_grad
+            with_grad = min(total, config.mean_backprop_depth)
+            no_grad = total - with_grad
+        return LoopSchedule.fixed(no_grad, with_grad)
+
+    def _position_ids(self, position_ids, attention_mask, past_length, batch_size, seq_len, device) -> torch.Tensor:
+        """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone."""
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_length, past_length + seq_len, device=device).expand(batch_size, -1)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.expand(batch_size, -1)
+        limit = self.config.max_position_embeddings
+        if past_length + seq_len > limit or int(position_ids.max()) >= limit:
+            raise ValueError(
+                f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
+                f"max_position_embeddings={limit}, the context the model was trained for"
+            )
+        return position_ids
+
+    def _lookup_value_embeddings(self, input_ids: torch.LongTensor | None) -> dict[int, torch.Tensor]:
+        """Value embeddings of the blocks that own both a table and a gate (looked up once, reused by every loop)."""
+        if input_ids is None:
+            return {}
+        config = self.config
+        result = {}
+        for stage, blocks in (("prelude", self.prelude), ("core", self.core), ("coda", self.coda)):
+            for index, block in enumerate(blocks):
+                key = str(config.block_effective_index(stage, index))
+                if block.self_attn.ve_gate is not None and key in self.value_embeddings:
+                    result[(stage, index)] = self.value_embeddings[key](input_ids)
+        return result
+
+    def _run_stage(self, stage, hidden_states, value_embeddings, block_kwargs, all_hidden_states, loop=0):
+        blocks = {"prelude": self.prelude, "core": self.core, "coda": self.coda}[stage]
+        for index, block in enumerate(blocks):
+            hidden_states = block(
+                hidden_states,
+                cache_slot=cache_slot(self.config, stage, index, loop),
+                value_embedding=value_embeddings.get((stage, index)),
+                **block_kwargs,
+            )
+            if all_hidden_states is not None and stage != "core":
+                all_hidden_states.append(hidden_states)
+        return hidden_states
+
+    def _initial_state(self, embeds, initial_state, generator) -> torch.Tensor:
+        config = self.config
+        if initial_state is not None:
+            expected = (*embeds.shape[:-1], config.state_size)
+            if tuple(initial_state.shape) != expected:
+                raise ValueError(
+                    f"initial_state must have shape (batch, seq_len, state_size) = {expected}, "
+                    f"got {tuple(initial_state.shape)}"
+                )
+            return initial_state.to(embeds.dtype)
+        method = config.state_init if self.training or config.inference_state_init == "config" else "zero"
+        return initialize_state(method, embeds, config.state_size, config.initializer_range, generator)
+
+    def _iterate(self, state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states) -> torch.Tensor:
+        """Run the core: ``state <- core(injection(state, e))``, gradient only in the last iterations."""
+        for loop, (with_grad, active) in enumerate(schedule.steps()):
+            with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+                new_state = self._run_stage(
+                    "core", self.injection(state, embeds), value_embeddings, block_kwargs, None, loop=loop
+                )
+            if active is not None:
+                # frozen samples keep their state; per-sequence masks broadcast over (T, S), per-token over S
+                mask = active.to(state.device).view(*active.shape, *([1] * (state.dim() - active.dim())))
+                new_state = torch.where(mask, new_state, state)
+            state = new_state
+            if all_hidden_states is not None:
+                all_hidden_states.append(state)
+        return state
+
+
+@dataclass
+class ParcaeModelOutputWithPast(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus ``num_loops``: the core iterations each sequence (or token) ran."""
+
+    num_loops: torch.LongTensor | None = None
+
+
+@dataclass
+class ParcaeCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``num_loops``: the core iterations each sequence (or token) ran."""
+
+    num_loops: torch.LongTensor | None = None
+
+
+class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: ParcaeConfig):
+        super().__init__(config)
+        self.model = ParcaeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: ParcaeCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        num_loops: LoopCount | None = None,
+        initial_state: torch.Tensor | None = None,
+        state_generator: torch.Generator | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ParcaeCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
+            Token ids for the language-modelling loss, **unshifted** (the loss shifts them), -100 to ignore.
+        num_loops, initial_state, state_generator: see [`ParcaeModel.forward`].
+
+        Example:
+
+        ```python
+        >>> model = ParcaeForCausalLM.from_pretrained("path/to/parcae", num_loops=8)
+        >>> logits = model(input_ids, num_loops=16).logits   # more compute per token, same parameters
+        >>> model.generate(input_ids, num_loops=4, max_new_tokens=20)
+        ```"""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tuple(labels.shape) != tuple(reference.shape[:2]):
+            raise ValueError(
+                f"labels must have shape (batch, seq_len) = {tuple(reference.shape[:2])}, got {tuple(labels.shape)}"
+            )
+        outputs: ParcaeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            num_loops=num_loops,
+            initial_state=initial_state,
+            state_generator=state_generator,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states).float()
+        if self.config.logit_softcap is not None:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return ParcaeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            num_loops=outputs.num_loops,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length) -> None:
+        """``generate`` builds a loop-aware cache for the requested ``num_loops`` instead of a per-layer DynamicCache."""
+        if model_kwargs.get("past_key_values") is not None:
+            model_kwargs["past_key_values"]._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        num_loops = model_kwargs.get("num_loops")
+        num_loops = self.config.num_loops if num_loops is None else num_loops
+        model_kwargs["past_key_values"] = ParcaeCache(self.config, num_loops=sum(resolve_loop_count(num_loops)))
+
+
+__all__ = ["ParcaeForCausalLM", "ParcaeModel", "ParcaePreTrainedModel", "ParcaeCache"]
