@@ -67,13 +67,19 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return rotated.flatten(-2).to(x.dtype)
 
 
+def _tag_init(module: nn.Module, method: str) -> nn.Module:
+    """Record how ``_init_weights`` should initialise ``module`` (``zero``, ``normal``, ``torch-default``, ...)."""
+    module.init_method = method
+    return module
+
+
 class ParcaeMLP(nn.Module):
     """``down_proj(0.5 * relu(up_proj(x))^2)`` — the official ReLU2 carries the 0.5 factor."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
         super().__init__()
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = _tag_init(nn.Linear(intermediate_size, hidden_size, bias=bias), "zero")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(0.5 * F.relu(self.up_proj(x)).square())
@@ -93,9 +99,11 @@ class ParcaeAttention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=config.bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias)
+        self.o_proj = _tag_init(nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias), "zero")
         gate_channels = config.value_embedding_gate_channels
-        self.ve_gate = nn.Linear(gate_channels, num_kv_heads, bias=False) if has_ve_gate else None
+        self.ve_gate = None
+        if has_ve_gate:
+            self.ve_gate = _tag_init(nn.Linear(gate_channels, num_kv_heads, bias=False), "torch-default")
 
     def forward(
         self,
@@ -205,7 +213,9 @@ class ParcaeLinearInjection(nn.Module):
 
     def __init__(self, config: ParcaeConfig):
         super().__init__()
-        self.proj = nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias)
+        self.proj = _tag_init(
+            nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias), "trunc-normal"
+        )
 
     def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         return self.proj(torch.cat([state, embeds], dim=-1))
@@ -332,20 +342,28 @@ class ParcaePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """The official "scaled-zero" initialisation with orthogonal matrices (reference §3.7).
 
-        Matrices: orthogonal with std sqrt(2/(5d)); output projections (o_proj, down_proj) zero; norms one; value
-        embeddings N(0, 1); value-embedding gates keep PyTorch's Linear default; diagonal injection starts at decay
-        sqrt(1/5) with B = identity (orthogonal if not square).
+        Linear and embedding weights default to orthogonal with std sqrt(2/(5d)); a module tagged with ``init_method``
+        (see :func:`_tag_init`) overrides that: output projections zero, value embeddings N(0, 1), value-embedding
+        gates PyTorch's Linear default, the linear injection a truncated normal. Norms start at one and the diagonal
+        injection at decay sqrt(1/5) with B = identity (orthogonal if not square). The tags live on the leaf modules
+        because transformers initialises custom models leaf by leaf.
         """
         std = self.config.initializer_range
-        if isinstance(module, ParcaeAttention):
-            for proj in (module.q_proj, module.k_proj, module.v_proj):
-                _orthogonal_scaled(proj.weight, std)
-            init.zeros_(module.o_proj.weight)
-            if module.ve_gate is not None:
-                init.kaiming_uniform_(module.ve_gate.weight, a=math.sqrt(5))
-        elif isinstance(module, ParcaeMLP):
-            _orthogonal_scaled(module.up_proj.weight, std)
-            init.zeros_(module.down_proj.weight)
+        method = getattr(module, "init_method", "orthogonal")
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            weight = module.weight
+            if method == "zero":
+                init.zeros_(weight)
+            elif method == "normal":
+                init.normal_(weight, mean=0.0, std=1.0)
+            elif method == "torch-default":
+                init.kaiming_uniform_(weight, a=math.sqrt(5))
+            elif method == "trunc-normal":
+                init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
+            else:
+                init.orthogonal_(weight, gain=std * math.sqrt(max(weight.shape)))
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, ParcaeDiagonalInjection):
             init.zeros_(module.A_log)
             initial_dt = -math.log(math.sqrt(1 / 5))
@@ -354,26 +372,11 @@ class ParcaePreTrainedModel(PreTrainedModel):
                 init.eye_(module.B)
             else:
                 init.orthogonal_(module.B)
-        elif isinstance(module, ParcaeLinearInjection):
-            init.trunc_normal_(module.proj.weight, std=std, a=-3 * std, b=3 * std)
-        elif isinstance(module, ParcaeModel):
-            _orthogonal_scaled(module.embed_tokens.weight, std)
-            if module.state_readout is not None:
-                _orthogonal_scaled(module.state_readout.weight, std)
-            for table in module.value_embeddings.values():
-                init.normal_(table.weight, mean=0.0, std=1.0)
         elif isinstance(module, LlamaRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, ParcaeRotaryEmbedding):
             dim, theta = self.config.head_dim, self.config.rope_parameters["rope_theta"]
             init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            init.zeros_(module.bias)
-
-
-def _orthogonal_scaled(weight: torch.Tensor, std: float) -> None:
-    """Orthogonal init whose entries have standard deviation ``std`` (gain = std * sqrt(max(rows, cols)))."""
-    init.orthogonal_(weight, gain=std * math.sqrt(max(weight.shape)))
 
 
 class ParcaeModel(ParcaePreTrainedModel):
@@ -396,7 +399,10 @@ class ParcaeModel(ParcaePreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         kv_dim = config.num_key_value_heads * config.head_dim
         self.value_embeddings = nn.ModuleDict(
-            {str(index): nn.Embedding(config.vocab_size, kv_dim) for index in config.value_embedding_table_indices()}
+            {
+                str(index): _tag_init(nn.Embedding(config.vocab_size, kv_dim), "normal")
+                for index in config.value_embedding_table_indices()
+            }
         )
         self.rotary_emb = ParcaeRotaryEmbedding(config)
         # Training-time depth sampler position; advanced after every sampled forward, saved/restored by training code.
@@ -626,6 +632,22 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Also accepts official ``parcae_lm`` checkpoints (Hub id or directory): converted once, then cached.
+
+        The converter ships with the ``parcae-transformers`` package, not with the remote code, hence the guard.
+        """
+        try:
+            from modeling_parcae.conversion.hub import maybe_convert_official
+        except ImportError:
+            maybe_convert_official = None
+        if maybe_convert_official is not None and pretrained_model_name_or_path is not None:
+            pretrained_model_name_or_path = (
+                maybe_convert_official(pretrained_model_name_or_path, **kwargs) or pretrained_model_name_or_path
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @can_return_tuple
     def forward(

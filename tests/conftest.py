@@ -1,0 +1,71 @@
+"""Shared test helpers: where the golden data lives and how to build small models from it."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+from modeling_parcae.conversion.key_map import official_config_to_parcae_config, official_to_hf_key
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GOLDEN = FIXTURES / "golden"
+SHARED = Path(os.environ.get("PARCAE_SHARED", REPO_ROOT.parent / "shared"))
+PARCAE_CASES = ("released_style", "linear_oddcore", "additive_4head")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def golden_case_dir(case: str) -> Path:
+    """Committed fixture for the Parcae cases; the 19 MB GPT case is read from ../shared."""
+    if case in PARCAE_CASES:
+        return GOLDEN / case
+    path = SHARED / "golden" / case
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the {case} golden case (19 MB) is read from ../shared, not committed")
+    return path
+
+
+def load_reference(case: str) -> dict[str, torch.Tensor]:
+    return load_file(golden_case_dir(case) / "reference.safetensors")
+
+
+def load_golden_model(case: str, **config_overrides) -> ParcaeForCausalLM:
+    """The official checkpoint of a golden case, mapped key by key (strict) into ``ParcaeForCausalLM``."""
+    folder = golden_case_dir(case) / "official"
+    config = official_config_to_parcae_config(json.loads((folder / "config.json").read_text()), **config_overrides)
+    official = torch.load(folder / "model.pt", weights_only=True)
+    state = {official_to_hf_key(key, config.looped): value for key, value in official.items() if key != "freqs_cis"}
+    model = ParcaeForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def tiny_config(**overrides) -> ParcaeConfig:
+    """A random released-style model small enough for fast tests."""
+    fields = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_prelude_layers=1,
+        num_core_layers=2, num_coda_layers=1, mean_recurrence=4, mean_backprop_depth=2, max_position_embeddings=256,
+    )
+    return ParcaeConfig(**{**fields, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> ParcaeForCausalLM:
+    torch.manual_seed(seed)
+    model = ParcaeForCausalLM(tiny_config(**overrides))
+    # o_proj/down_proj start at zero (official init); randomise them so every block influences the output
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                parameter.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    return (FIXTURES / "tinyshakespeare_excerpt.txt").read_text()
