@@ -1,0 +1,131 @@
+"""``parcae generate``: stream a continuation, or compare loop depths side by side.
+
+Everything that can be checked cheaply (loop counts, the model path, the prompt length) is checked before the weights
+are loaded or any forward runs.
+"""
+
+import argparse
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .configuration_parcae import validate_num_loops
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bundled_model_path() -> Path | None:
+    """The demo model shipped as package data (``modeling_parcae/demo``), if this install carries it."""
+    path = Path(str(resources.files("modeling_parcae").joinpath("demo")))
+    return path if (path / "config.json").exists() else None
+
+
+def parse_loop_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``, each a valid loop count."""
+    loops = []
+    for item in text.split(","):
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"loop counts must be positive integers, got {item!r} in {text!r}") from None
+        validate_num_loops(value)
+        loops.append(value)
+    return loops
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text with an adjustable number of loops",
+        description="Generate a continuation of PROMPT. Without --model, uses the bundled demo model.",
+    )
+    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument("--model", help="local directory or Hub repo id (default: the bundled demo model)")
+    loops = parser.add_mutually_exclusive_group()
+    loops.add_argument("--num-loops", type=int, help="core iterations per token (default: the model's num_loops)")
+    loops.add_argument("--compare-loops", help="comma-separated loop counts, e.g. 1,2,4,8: one continuation each")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer, TextStreamer
+
+    from .configuration_parcae import ParcaeConfig
+    from .modeling_parcae import ParcaeForCausalLM
+
+    loop_counts = parse_loop_list(args.compare_loops) if args.compare_loops else None
+    if args.num_loops is not None:
+        validate_num_loops(args.num_loops)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model_path = _resolve_model(args.model)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    config = ParcaeConfig.from_pretrained(model_path)
+    prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    limit = config.max_position_embeddings
+    if prompt_ids.shape[1] + args.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_ids.shape[1]} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
+            f"maximum context of {limit} positions"
+        )
+
+    model = ParcaeForCausalLM.from_pretrained(model_path, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    prompt_ids = prompt_ids.to(args.device)
+    sampling = _sampling_kwargs(args)
+    if loop_counts is None:
+        streamer = TextStreamer(tokenizer)
+        torch.manual_seed(args.seed)
+        model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), streamer=streamer,
+                       num_loops=args.num_loops or config.num_loops, **sampling)
+        return 0
+
+    print(f"prompt: {args.prompt!r}   ({args.max_new_tokens} new tokens, {_describe(sampling)})")
+    for loops in loop_counts:
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_loops=loops,
+                                return_dict_in_generate=True, **sampling)
+        seconds = time.perf_counter() - start
+        new_tokens = output.sequences.shape[1] - prompt_ids.shape[1]
+        cache = output.past_key_values
+        text = tokenizer.decode(output.sequences[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+        print(f"\n--- num_loops={loops:<3} {new_tokens / seconds:7.1f} tok/s   KV cache: {len(cache.layers)} slots, "
+              f"{cache.memory_bytes() / 2**20:.2f} MiB")
+        print(args.prompt + text)
+    return 0
+
+
+def _resolve_model(model: str | None) -> str:
+    if model is None:
+        bundled = bundled_model_path()
+        if bundled is None:
+            raise FileNotFoundError("no --model given and this installation carries no bundled demo model")
+        return str(bundled)
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"model {model!r} not found: not a directory and not a Hub repo id (org/name)")
+    return str(Path(model).expanduser()) if looks_local else model
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return kwargs
+
+
+def _describe(sampling: dict) -> str:
+    if not sampling["do_sample"]:
+        return "greedy"
+    return f"sampling T={sampling['temperature']} top_p={sampling['top_p']} top_k={sampling['top_k']}"

@@ -1,0 +1,232 @@
+"""generate(num_loops=N): the loop-aware cache, golden greedy tokens, padding, beams, streaming and the CLI."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import FIXTURES, PARCAE_CASES, load_golden_model, load_reference, tiny_model
+from transformers import PreTrainedTokenizerFast, TextIteratorStreamer
+
+from modeling_parcae import ParcaeCache, ParcaeForCausalLM
+
+
+def greedy(model, input_ids, num_loops, max_new_tokens=10, **kwargs):
+    kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+    return model.generate(input_ids, num_loops=num_loops, max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(FIXTURES / "golden" / "tokenizer" / "tokenizer.json"),
+        bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+    )
+
+
+@pytest.fixture(scope="module")
+def word_model():
+    """A random tiny model over the golden tokenizer's 288 tokens (padded to 320)."""
+    return tiny_model(seed=1, vocab_size=320, max_position_embeddings=128)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# correctness of the cache
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loops", [1, 4, 8, 16])
+def test_cached_greedy_equals_uncached_on_a_random_model(loops, word_model):
+    prompt = torch.randint(3, 288, (2, 7), generator=torch.Generator().manual_seed(loops))
+    cached = greedy(word_model, prompt, loops, max_new_tokens=12)
+    uncached = greedy(word_model, prompt, loops, max_new_tokens=12, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("case", PARCAE_CASES)
+def test_cached_greedy_equals_uncached_and_official_tokens_on_golden_cases(case):
+    model = load_golden_model(case)
+    reference = load_reference(case)
+    prompt = reference["greedy_prompt"]
+    for loops in (1, 4, 8, 16):
+        cached = greedy(model, prompt, loops)
+        assert torch.equal(cached, greedy(model, prompt, loops, use_cache=False)), loops
+        if loops in (1, 4, 8):
+            assert torch.equal(cached, reference[f"greedy_zero_{loops}"]), loops
+
+
+def test_num_loops_reaches_every_forward_of_a_generation(word_model):
+    calls = []
+    hook = word_model.model.core[0].register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
+    try:
+        greedy(word_model, torch.randint(3, 288, (1, 5)), num_loops=3, max_new_tokens=4)
+    finally:
+        hook.remove()
+    # prefill (5 tokens) then 3 decode steps (1 token), each running the core block 3 times
+    assert calls == [5] * 3 + [1] * 3 * 3
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(word_model):
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 288, (length,), generator=generator) for length in (9, 5, 2)]
+    width = max(len(p) for p in prompts)
+    batch = torch.full((3, width), 2)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    together = greedy(word_model, batch, 4, attention_mask=mask, pad_token_id=2)
+    for row, prompt in enumerate(prompts):
+        alone = greedy(word_model, prompt[None], 4, pad_token_id=2)
+        assert torch.equal(together[row, width:], alone[0, len(prompt):]), row
+
+
+def test_a_cache_refuses_another_loop_count(word_model):
+    prompt = torch.randint(3, 288, (1, 6))
+    out = word_model.generate(prompt, num_loops=4, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, ParcaeCache) and cache.num_loops == 4
+    with pytest.raises(ValueError, match="num_loops=4.*num_loops=8"):
+        word_model(out.sequences[:, -1:], past_key_values=cache, num_loops=8)
+
+
+def test_a_returned_cache_continues_the_conversation(word_model):
+    prompt = torch.randint(3, 288, (1, 6), generator=torch.Generator().manual_seed(2))
+    first = word_model.generate(prompt, num_loops=3, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                                attention_mask=torch.ones_like(prompt))
+    follow_up = torch.cat([first.sequences, torch.randint(3, 288, (1, 3))], dim=1)
+    continued = greedy(word_model, follow_up, 3, max_new_tokens=6, past_key_values=first.past_key_values)
+    fresh = greedy(word_model, follow_up, 3, max_new_tokens=6)
+    assert torch.equal(continued, fresh)
+
+
+def test_a_user_passed_cache_is_used(word_model):
+    prompt = torch.randint(3, 288, (1, 4))
+    cache = ParcaeCache(word_model.config, num_loops=2)
+    greedy(word_model, prompt, 2, max_new_tokens=3, past_key_values=cache)
+    assert cache.get_seq_length() == 4 + 2  # the last generated token is not fed back
+
+
+def test_cache_reports_slots_and_bytes(word_model):
+    prompt = torch.randint(3, 288, (2, 6))
+    out = word_model.generate(prompt, num_loops=5, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    config = word_model.config
+    slots = config.num_prelude_layers + 5 * config.num_core_layers + config.num_coda_layers
+    assert len(cache.layers) == slots == config.num_cache_slots(5)
+    cached_tokens = 6 + 4 - 1
+    heads, head_dim = config.num_key_value_heads, config.head_dim
+    assert cache.memory_bytes() == slots * 2 * 2 * heads * cached_tokens * head_dim * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding strategies
+# ---------------------------------------------------------------------------------------------------------------
+def test_beam_search_returns_valid_sequences_and_matches_the_uncached_search(word_model):
+    prompt = torch.randint(3, 288, (2, 5), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_loops=3, num_beams=3, num_return_sequences=3, max_new_tokens=6, do_sample=False,
+                  eos_token_id=None, attention_mask=torch.ones_like(prompt))
+    cached = word_model.generate(prompt, **kwargs)
+    uncached = word_model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape == (6, 11)
+    assert torch.equal(cached[:, :5], prompt.repeat_interleave(3, dim=0))
+    assert int(cached.max()) < word_model.config.vocab_size
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_options_run_and_are_reproducible(word_model):
+    prompt = torch.randint(3, 288, (1, 5))
+    kwargs = dict(num_loops=2, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, min_p=0.01,
+                  repetition_penalty=1.3, max_new_tokens=8, attention_mask=torch.ones_like(prompt))
+    torch.manual_seed(0)
+    a = word_model.generate(prompt, **kwargs)
+    torch.manual_seed(0)
+    b = word_model.generate(prompt, **kwargs)
+    assert torch.equal(a, b) and a.shape == (1, 13)
+
+
+def test_stop_strings_end_generation(word_model, tokenizer):
+    prompt = tokenizer("Hello world", return_tensors="pt").input_ids
+    full = greedy(word_model, prompt, 2, max_new_tokens=20, pad_token_id=2)
+    generated = full[0, prompt.shape[1]:].tolist()
+    # a generated token that decodes to a clean word on its own serves as the stop string
+    position, stop = next((i, tokenizer.decode([t])) for i, t in enumerate(generated)
+                          if i < 18 and tokenizer.decode([t]).isalpha() and len(tokenizer.decode([t])) > 1)
+    stopped = greedy(word_model, prompt, 2, max_new_tokens=20, stop_strings=[stop], tokenizer=tokenizer,
+                     pad_token_id=2)
+    assert stopped.shape[1] <= prompt.shape[1] + position + 1 < full.shape[1]
+    assert tokenizer.decode(stopped[0, prompt.shape[1]:]).endswith(stop)
+
+
+def test_streaming_yields_the_same_text_as_non_streaming(word_model, tokenizer):
+    prompt = tokenizer("Hello world", return_tensors="pt").input_ids
+    expected = tokenizer.decode(greedy(word_model, prompt, 3, max_new_tokens=15, pad_token_id=2)[0, prompt.shape[1]:])
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=greedy, args=(word_model, prompt, 3),
+                              kwargs=dict(max_new_tokens=15, streamer=streamer, pad_token_id=2))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed == expected
+
+
+def test_num_loops_stays_out_of_generation_config(word_model, tmp_path):
+    word_model.save_pretrained(tmp_path)
+    generation_config = json.loads((tmp_path / "generation_config.json").read_text())
+    assert "num_loops" not in generation_config
+    reloaded = ParcaeForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(3, 288, (1, 4))
+    assert torch.equal(greedy(reloaded, prompt, 2), greedy(word_model, prompt, 2))
+    calls = []
+    reloaded.model.core[0].register_forward_hook(lambda module, args, output: calls.append(1))
+    greedy(reloaded, prompt, 9, max_new_tokens=2)
+    assert len(calls) == 9 * 2  # the call argument, not a saved default, sets the depth
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, word_model, tokenizer):
+    folder = tmp_path_factory.mktemp("cli-model")
+    word_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "modeling_parcae.cli", "generate", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_streams_and_compares_loop_depths(saved_model):
+    result = run_cli("--model", str(saved_model), "--num-loops", "2", "--max-new-tokens", "5", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello")
+    result = run_cli("--model", str(saved_model), "--compare-loops", "1,3", "--max-new-tokens", "4", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert "num_loops=1" in result.stdout and "num_loops=3" in result.stdout and "tok/s" in result.stdout
+    assert "4 slots" in result.stdout and "8 slots" in result.stdout  # P + loops * R + C with P=C=1, R=2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "/nonexistent/model", "Hi"], "not found"),
+        (["--num-loops", "0", "Hi"], "num_loops must be >= 1"),
+        (["--compare-loops", "1,x", "Hi"], "positive integers"),
+    ],
+)
+def test_cli_rejects_bad_input_clearly(args, message, saved_model):
+    if "--model" not in args:
+        args = ["--model", str(saved_model), *args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_cli_rejects_a_prompt_longer_than_the_context(saved_model):
+    result = run_cli("--model", str(saved_model), "--max-new-tokens", "10", "word " * 200)
+    assert result.returncode == 2
+    assert "maximum context of 128" in result.stderr
