@@ -1,0 +1,69 @@
+"""A plain (non-editable) wheel gives a working package, CLI, presets and task files outside the checkout."""
+
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The wheel of this checkout installed into a fresh target dir, and an env that sees it but not the checkout."""
+    root = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(root / "dist"), str(REPO_ROOT)], check=True, capture_output=True)
+    wheel = next((root / "dist").glob("parcae_transformers-*.whl"))
+    target = root / "target"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    # the dependencies come from this venv's site-packages, minus the editable install of the checkout
+    shadow = root / "site"
+    shadow.mkdir()
+    for site_dir in site.getsitepackages():
+        for entry in os.listdir(site_dir):
+            if "parcae" not in entry.lower() and not entry.endswith(".pth"):
+                os.symlink(os.path.join(site_dir, entry), shadow / entry)
+    env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{shadow}", "PYTHONNOUSERSITE": "1"}
+    outside = root / "elsewhere"
+    outside.mkdir()
+    return dict(target=target, env=env, cwd=outside, wheel=wheel)
+
+
+def run(installed, *args):
+    return subprocess.run([sys.executable, "-S", *args], env=installed["env"], cwd=installed["cwd"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_installed_package_is_not_the_checkout(installed):
+    result = run(installed, "-c", "import modeling_parcae; print(modeling_parcae.__file__)")
+    assert result.returncode == 0, result.stderr
+    assert str(installed["target"]) in result.stdout and str(REPO_ROOT) not in result.stdout
+
+
+def test_presets_and_subpackages_install_inside_the_namespace(installed):
+    script = (
+        "import modeling_parcae as m, modeling_parcae.conversion.key_map, modeling_parcae.eval;"
+        "print(len(m.list_presets()), m.load_preset('parcae-140m').hidden_size)"
+    )
+    result = run(installed, "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["8", "768"]
+
+
+def test_the_cli_runs_from_outside_the_checkout(installed):
+    result = run(installed, "-m", "modeling_parcae.cli", "--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("generate", "convert", "eval", "train"):
+        assert command in result.stdout
+    assert (installed["target"] / "bin" / "parcae").exists()
+
+
+def test_eval_task_files_ship_in_the_wheel(installed):
+    tasks = list((installed["target"] / "modeling_parcae" / "eval" / "tasks").rglob("*.yaml"))
+    if not (REPO_ROOT / "eval" / "tasks").exists():
+        pytest.skip("eval/tasks is not part of this checkout")
+    assert len(tasks) == len(list((REPO_ROOT / "eval" / "tasks").rglob("*.yaml"))) > 0
