@@ -27,3 +27,9 @@ __all__ = [
     "list_presets",
     "load_preset",
 ]
+
+# Official-format checkpoints (no `model_type` in config.json) load through the Auto classes too: the hook converts
+# them on the fly and passes everything else through untouched.
+from .conversion.hub import install_auto_hooks  # noqa: E402
+
+install_auto_hooks()

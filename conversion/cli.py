@@ -1,0 +1,83 @@
+"""``parcae convert`` and ``parcae push`` (registered by ``modeling_parcae.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from .convert import DEFAULT_MAX_SHARD_SIZE, convert_official_to_transformers, convert_transformers_to_official
+from .hub import default_tokenizer_source, download_official
+from .official_format import is_official_config, read_config
+from .push import push_converted
+
+
+def register(subparsers) -> None:
+    if "convert" not in subparsers.choices:
+        convert = subparsers.add_parser(
+            "convert", help="convert an official parcae_lm checkpoint to transformers (or back with --to official)",
+            description="SRC is a local directory or a Hub repo id. Nothing is written to DST unless the whole "
+                        "conversion succeeds.")
+        convert.add_argument("src")
+        convert.add_argument("dst")
+        convert.add_argument("--to", choices=("transformers", "official"), default="transformers")
+        convert.add_argument("--tokenizer", help="tokenizer directory or Hub repo id (default: the one in SRC, else "
+                                                 "SandyResearch/parcae-tokenizer for Hub sources)")
+        convert.add_argument("--revision", help="Hub revision of SRC")
+        convert.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
+        convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+        convert.set_defaults(func=run_convert)
+    if "push" not in subparsers.choices:
+        push = subparsers.add_parser("push", help="upload a converted directory (or convert an official SRC first)")
+        push.add_argument("src", help="output of `parcae convert`, or an official checkpoint directory / repo id")
+        push.add_argument("repo_id")
+        push.add_argument("--tokenizer")
+        push.add_argument("--private", action="store_true")
+        push.add_argument("--token")
+        push.set_defaults(func=run_push)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    if args.to == "official":
+        convert_transformers_to_official(_local_transformers_dir(args.src, args.revision), args.dst,
+                                         overwrite=args.overwrite)
+    else:
+        source_dir, tokenizer = _official_source(args.src, args.revision, args.tokenizer)
+        convert_official_to_transformers(source_dir, args.dst, tokenizer_source=tokenizer, source_name=args.src,
+                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        if not (Path(args.dst) / "tokenizer.json").is_file():
+            print(f"parcae convert: no tokenizer found for {args.src}; pass --tokenizer to include one",
+                  file=sys.stderr)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    source = Path(args.src)
+    if source.is_dir() and not is_official_config(read_config(source)):
+        info = push_converted(source, args.repo_id, private=args.private, token=args.token)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            source_dir, tokenizer = _official_source(args.src, None, args.tokenizer)
+            converted = convert_official_to_transformers(source_dir, Path(scratch) / "converted",
+                                                         tokenizer_source=tokenizer, source_name=args.src)
+            info = push_converted(converted, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.src} to {getattr(info, 'commit_url', args.repo_id)}")
+    return 0
+
+
+def _official_source(src: str, revision: str | None, tokenizer: str | None) -> tuple[Path, str | Path | None]:
+    """Local official checkpoint (downloading Hub sources) and the tokenizer to use."""
+    if Path(src).exists():
+        return Path(src), tokenizer
+    source_dir = download_official(src, revision=revision)
+    return source_dir, tokenizer or default_tokenizer_source(src, source_dir, revision=revision)
+
+
+def _local_transformers_dir(src: str, revision: str | None) -> Path:
+    if Path(src).is_dir():
+        return Path(src)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(src, revision=revision, allow_patterns=["*.json", "*.safetensors"]))

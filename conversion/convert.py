@@ -1,0 +1,90 @@
+"""The two conversions: official checkpoint -> transformers directory, and transformers directory -> official.
+
+Both validate everything before writing and write through :func:`atomic_directory`, so a failure leaves no DST.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..configuration_parcae import ParcaeConfig
+from .atomic import atomic_directory
+from .model_card import render_model_card
+from .official_config import official_config_from_parcae, parcae_config_from_official
+from .official_format import is_official_config, read_config, read_official_checkpoint
+from .state_dict import expected_hf_shapes, hf_to_official, official_to_hf
+from .tokenizer import load_official_tokenizer
+
+
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+
+
+def convert_official_to_transformers(source_dir: str | Path, destination: str | Path, *,
+                                     tokenizer_source: str | Path | None = None, source_name: str | None = None,
+                                     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+                                     tokenizer_hub_kwargs: dict | None = None) -> Path:
+    """Convert a local official checkpoint (directory, or weights file next to config.json); returns DST.
+
+    ``tokenizer_source`` is a tokenizer directory or Hub id; ``None`` uses ``source_dir`` when it holds a
+    ``tokenizer.json`` and otherwise writes no tokenizer.
+    """
+    from ..modeling_parcae import ParcaeForCausalLM
+
+    source_dir = Path(source_dir)
+    checkpoint = read_official_checkpoint(source_dir)
+    config = parcae_config_from_official(checkpoint.config, checkpoint.architecture)
+    state = official_to_hf(checkpoint.state_dict, config, expected_hf_shapes(config))
+    if tokenizer_source is None and (source_dir / "tokenizer.json").is_file():
+        tokenizer_source = source_dir
+    tokenizer = None
+    if tokenizer_source is not None:
+        tokenizer = load_official_tokenizer(tokenizer_source, config.max_position_embeddings,
+                                            **(tokenizer_hub_kwargs or {}))
+
+    with torch.device("meta"):
+        model = ParcaeForCausalLM(config)
+    # assign=True adopts the (memory-mapped) checkpoint tensors instead of copying them into fresh parameters
+    model.load_state_dict(state, strict=True, assign=True)
+    with atomic_directory(destination, overwrite=overwrite) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        card = render_model_card(config, source_name or str(source_dir))
+        (staging / "README.md").write_text(card)
+    return Path(destination)
+
+
+def convert_transformers_to_official(source_dir: str | Path, destination: str | Path, *,
+                                     overwrite: bool = False) -> Path:
+    """Write ``config.json`` (with ``_class_name``) + ``model.pt`` as ``parcae_lm.save_pretrained`` does."""
+    source_dir = Path(source_dir)
+    if is_official_config(read_config(source_dir)):
+        raise ValueError(f"{source_dir} is already in the official format")
+    config = ParcaeConfig.from_pretrained(source_dir)
+    official_state = hf_to_official(read_safetensors_checkpoint(source_dir), config, expected_hf_shapes(config))
+    official_config = official_config_from_parcae(config, name=source_dir.absolute().name)
+    with atomic_directory(destination, overwrite=overwrite) as staging:
+        (staging / "config.json").write_text(json.dumps(official_config, indent=2))
+        torch.save(official_state, staging / "model.pt")
+    return Path(destination)
+
+
+def read_safetensors_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) transformers safetensors checkpoint."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{directory} holds no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(directory / name, framework="pt") as handle:
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    return state
