@@ -1,0 +1,13 @@
+"""``python -m modeling_parcae.eval ...`` = the ``lm_eval`` command with the ``parcae`` model registered (lm-eval has
+no plugin discovery for model names, so the registering import must happen first), e.g.
+
+    python -m modeling_parcae.eval run --model parcae --model_args pretrained=DIR,num_loops=4 \
+        --include_path eval/tasks --tasks core --metadata '{"bundle": "../shared/eval_bundle"}'
+"""
+
+from lm_eval.__main__ import cli_evaluate
+
+from . import lm  # noqa: F401  (registers --model parcae)
+
+if __name__ == "__main__":
+    cli_evaluate()

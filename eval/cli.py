@@ -1,0 +1,123 @@
+"""``parcae eval`` (CORE / Core-Extended / bpb across loop depths and seeds through lm-eval) and ``parcae compare``
+(differences between two reports, e.g. Parcae vs a Transformer baseline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def register(subparsers) -> None:
+    """Add the ``eval`` and ``compare`` subcommands."""
+    p = subparsers.add_parser("eval", help="CORE / Core-Extended / bits-per-byte across loop depths (lm-eval)",
+                              description=__doc__)
+    p.add_argument("--model", required=True, help="converted checkpoint directory or Hub id")
+    p.add_argument("--tasks", default="core", help="comma list of groups (core, core_extended), task labels, and/or "
+                   "bpb (needs --text); default core")
+    p.add_argument("--num-loops", type=_int_list, default=None, help="test-time depths, e.g. 1,2,4,8,16 "
+                   "(default: the config's num_loops)")
+    p.add_argument("--seeds", type=_int_list, default=[1234, 2345, 3456], help="few-shot seeds (Parcae: 1234,2345,3456)")
+    p.add_argument("--limit", type=int, default=None, help="official max_per_task: shuffle, keep N items, draw "
+                   "few-shot examples from those N only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--bundle", default=None, help="eval bundle directory (default: $PARCAE_EVAL_BUNDLE, else "
+                   "download once into $PARCAE_CACHE or ~/.cache/parcae)")
+    p.add_argument("--baselines", default="v1", choices=["v1", "v2"], help="random baselines for centering "
+                   "(v1 = paper-comparable)")
+    p.add_argument("--text", default=None, help="text file (.txt: blank-line separated documents; .jsonl: field "
+                   "'text') for validation loss / bits-per-byte")
+    p.add_argument("--output", default=None, help="report JSON path (the .md table and .png plot go next to it); "
+                   "default eval_results/<model>.json")
+    p.add_argument("--log-samples", action="store_true", help="also write per-item option scores to "
+                   "<output>.samples.json")
+    p.set_defaults(func=run_eval)
+
+    c = subparsers.add_parser("compare", help="per-task and aggregate differences between two eval reports")
+    c.add_argument("baseline", help="report JSON A (e.g. the Transformer)")
+    c.add_argument("candidate", help="report JSON B (e.g. Parcae); differences are B − A")
+    c.set_defaults(func=run_compare)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress output
+    from .aggregate import markdown_table, plot
+    from .bpb import read_documents
+    from .bundle import resolve_bundle
+    from .modelio import load_model_and_tokenizer
+    from .runner import evaluate
+    from .specs import GROUPS, resolve_task_names
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    want_bpb = "bpb" in names
+    labels = resolve_task_names([n for n in names if n != "bpb"])
+    if want_bpb and not args.text:
+        raise ValueError("--tasks bpb needs --text FILE")
+    bundle = resolve_bundle(args.bundle) if labels else None
+    documents = read_documents(args.text, args.limit) if want_bpb else None
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+    loops = args.num_loops or [getattr(model.config, "num_loops", None) or 1]
+    samples: dict | None = {} if args.log_samples else None
+    report = evaluate(model, tokenizer, model_name=args.model, labels=labels, bundle=bundle, seeds=args.seeds,
+                      loops=loops, limit=args.limit, batch_size=args.batch_size, baselines=args.baselines,
+                      extended="core_extended" in names or set(labels) == set(GROUPS["core_extended"]),
+                      bpb_documents=documents, samples=samples)
+    report["dtype"] = args.dtype
+    output = Path(args.output or Path("eval_results") / (Path(args.model.rstrip("/")).name + ".json"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report)
+    output.with_suffix(".md").write_text(table)
+    if labels:
+        plot(report, output.with_suffix(".png"))
+    if samples is not None:
+        output.with_suffix(".samples.json").write_text(json.dumps(samples) + "\n")
+    print(table)
+    print(f"wrote {output}, {output.with_suffix('.md')}" + (f", {output.with_suffix('.png')}" if labels else ""))
+    return 0
+
+
+def compare_reports(a: dict, b: dict) -> str:
+    """Text table of B − A per task (accuracy ×100) and per aggregate, for every loop depth in both reports."""
+    lines = [f"A = {a['model']}  (baselines {a['baselines']})", f"B = {b['model']}  (baselines {b['baselines']})"]
+    if a["baselines"] != b["baselines"]:
+        lines.append("warning: the reports use different baselines; centered values are not comparable")
+    for depth in sorted(set(a["results"]) & set(b["results"]), key=int):
+        ra, rb = a["results"][depth], b["results"][depth]
+        lines += ["", f"num_loops = {depth}", f"{'task':36s} {'A':>8s} {'B':>8s} {'B-A':>8s}"]
+        for label in [t for t in ra.get("tasks", {}) if t in rb.get("tasks", {})]:
+            x, y = 100 * ra["tasks"][label]["acc"], 100 * rb["tasks"][label]["acc"]
+            lines.append(f"{label:36s} {x:8.2f} {y:8.2f} {y - x:+8.2f}")
+        for metric in ("core", "core_extended"):
+            if metric in ra and metric in rb:
+                lines.append(f"{metric.upper():36s} {ra[metric]:8.2f} {rb[metric]:8.2f} {rb[metric] - ra[metric]:+8.2f}")
+        if "bpb" in ra and "bpb" in rb:
+            x, y = ra["bpb"]["bpb"], rb["bpb"]["bpb"]
+            lines.append(f"{'bits per byte':36s} {x:8.4f} {y:8.4f} {y - x:+8.4f}")
+    only = sorted(set(a["results"]) ^ set(b["results"]), key=int)
+    if only:
+        lines.append(f"\nloop depths in only one report: {', '.join(only)}")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    a = json.loads(Path(args.baseline).read_text())
+    b = json.loads(Path(args.candidate).read_text())
+    print(compare_reports(a, b), end="")
+    return 0

@@ -1,0 +1,164 @@
+"""lm-eval model ``parcae``: scores requests exactly as the official CORE evaluator, with batching.
+
+Requests are grouped per document. For CORE documents (tagged ``_type`` by the task loader) each option is tokenized
+as one full BOS-prefixed prompt; the scored span is where options differ (multiple choice: after the common token
+prefix; schema: the common token suffix; language modelling: after the prompt without continuation); prompts longer
+than the model's context are cropped from the left. The returned log-likelihood is minus the mean loss over that span
+and ``is_greedy`` is the greedy exact match, so lm-eval's argmax reproduces the official choice. Other (stock) tasks
+get ordinary summed log-likelihoods. Sequences from all documents are sorted by length and run in batches.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from .modelio import forward_logits, load_model_and_tokenizer, pad_id_of, pad_right
+from .modelio import max_length as model_max_length
+from .procedure import encode_with_bos
+from .specs import LM as LM_TYPE
+from .specs import MC, SCHEMA
+
+
+@dataclass
+class _Row:
+    tokens: list[int]
+    start: int
+    end: int
+
+
+def core_prompt_strings(task_type: str, requests: list[tuple[str, str]]) -> list[str]:
+    """Strings tokenized for one CORE document's requests (context, continuation): the full option prompts, or for
+    language modelling [prompt without, prompt with] continuation, stripped as the official evaluator does."""
+    if task_type == LM_TYPE:
+        (context, continuation), = requests
+        return [context.strip(), (context + continuation).strip()]
+    return [context + continuation for context, continuation in requests]
+
+
+def _common(rows: list[list[int]], reverse: bool) -> int:
+    seqs = [r[::-1] for r in rows] if reverse else rows
+    n = 0
+    for column in zip(*seqs):
+        if any(token != column[0] for token in column):
+            break
+        n += 1
+    return n
+
+
+def _core_rows(task_type: str, rows: list[list[int]]) -> list[_Row]:
+    if task_type == MC:
+        prefix = _common(rows, reverse=False)
+        return [_Row(r, prefix, len(r)) for r in rows]
+    if task_type == SCHEMA:
+        suffix = _common(rows, reverse=True)
+        return [_Row(r, len(r) - suffix, len(r)) for r in rows]
+    without, with_ = rows
+    if with_[: len(without)] != without or len(without) >= len(with_):
+        raise ValueError("language-modelling prompt without continuation is not a token prefix of the full prompt")
+    return [_Row(with_, len(without), len(with_))]
+
+
+@register_model("parcae")
+class ParcaeLM(LM):
+    """``pretrained``: path, Hub id or a loaded model; ``num_loops``: test-time depth (looped models only)."""
+
+    def __init__(self, pretrained, tokenizer=None, num_loops: int | str | None = None, batch_size: int | str = 16,
+                 device: str | None = "cpu", dtype: str = "float32", max_length: int | str | None = None, **_kwargs):
+        super().__init__()
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cpu"  # lm-eval's CLI may pass its own default device
+        if isinstance(pretrained, str):
+            pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
+            tokenizer = tokenizer or loaded_tokenizer
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required when passing a model object")
+        self.model = pretrained.eval()
+        self.tokenizer = tokenizer
+        self.num_loops = int(num_loops) if num_loops not in (None, "", "None") else None
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.max_length = int(max_length) if max_length else model_max_length(self.model)
+        self._device = next(self.model.parameters()).device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "parcae").replace("/", "__")
+
+    # -- request planning -------------------------------------------------------------------------------------------
+    def _plan(self, requests) -> list[tuple[str | None, list[int], list[_Row]]]:
+        """Per document: (CORE type or None, request indices, rows to score)."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            doc = req.doc if isinstance(req.doc, dict) else {}
+            task_type = doc.get("_type") if isinstance(doc.get("_type"), str) else None
+            key = (req.task_name, req.doc_id, task_type) if task_type else ("", i, None)
+            groups[key].append(i)
+        plan = []
+        for (_, _, task_type), idxs in groups.items():
+            args = [requests[i].args for i in idxs]
+            if task_type:
+                rows = _core_rows(task_type, encode_with_bos(self.tokenizer, core_prompt_strings(task_type, args)))
+            else:
+                (context, continuation), = args
+                ctx, whole = encode_with_bos(self.tokenizer, [context, context + continuation])
+                rows = [_Row(whole, len(ctx), len(whole))]
+            plan.append((task_type, idxs, rows))
+        return plan
+
+    def _score_rows(self, rows: list[_Row], desc: str, disable_tqdm: bool) -> list[tuple[float, int, bool]]:
+        """(summed loss, scored tokens, greedy match) per row, after the official left-crop (a span cropped down to the
+        first token, which the official code cannot score, starts at position 1); longest rows first."""
+        cropped = []
+        for row in rows:
+            n = max(0, len(row.tokens) - self.max_length)
+            cropped.append(_Row(row.tokens[n:], max(row.start - n, 1), row.end - n))
+        order = sorted(range(len(cropped)), key=lambda i: -len(cropped[i].tokens))
+        out: list[tuple[float, int, bool]] = [None] * len(cropped)  # type: ignore[list-item]
+        pad = pad_id_of(self.tokenizer)
+        for b in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=disable_tqdm):
+            batch = [cropped[i] for i in order[b: b + self.batch_size]]
+            ids, mask = pad_right([r.tokens for r in batch], pad, self._device)
+            logits = forward_logits(self.model, ids, mask, self.num_loops)
+            for j, row in enumerate(batch):
+                pred = logits[j, row.start - 1: row.end - 1]
+                target = ids[j, row.start: row.end]
+                loss = F.cross_entropy(pred, target, reduction="sum").item()
+                out[order[b + j]] = (loss, row.end - row.start, bool(torch.equal(pred.argmax(-1), target)))
+        return out
+
+    # -- lm-eval API -------------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        plan = self._plan(requests)
+        flat = [row for _, _, rows in plan for row in rows]
+        scored = iter(self._score_rows(flat, "parcae loglikelihood", disable_tqdm))
+        results: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
+        for task_type, idxs, rows in plan:
+            row_scores = [next(scored) for _ in rows]
+            for i, (loss, n, greedy) in zip(idxs, row_scores):
+                results[i] = (-loss / n if task_type else -loss, greedy)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Summed log-likelihood of each whole text (BOS-prefixed), in non-overlapping context-sized windows."""
+        rows, owners = [], []
+        step = self.max_length - 1
+        for i, req in enumerate(requests):
+            tokens = encode_with_bos(self.tokenizer, [req.args[0]])[0]
+            for s in range(0, len(tokens) - 1, step):
+                window = tokens[s: s + self.max_length]
+                rows.append(_Row(window, 1, len(window)))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for owner, (loss, _, _) in zip(owners, self._score_rows(rows, "parcae rolling", disable_tqdm)):
+            totals[owner] -= loss
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError("the parcae lm-eval model scores log-likelihood tasks only (CORE needs no "
+                                  "generation); use --model hf with trust_remote_code=True for generative tasks")

@@ -1,0 +1,38 @@
+"""Data side of the official CORE procedure shared by the lm-eval tasks and the reference scorer: which items are
+evaluated (``Random(1337)`` shuffle, then the official ``max_per_task`` truncation) and how they are tokenized."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .specs import TaskSpec
+
+SHUFFLE_SEED = 1337
+
+
+def load_items(bundle: str | Path, spec: TaskSpec, limit: int | None = None) -> list[dict]:
+    """The task's items in evaluation order. ``limit`` follows the official ``max_per_task``: shuffle first, keep the
+    first ``limit`` items, and few-shot examples are later drawn from those items only."""
+    path = Path(bundle) / "eval_data" / spec.dataset_uri
+    with open(path, encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    random.Random(SHUFFLE_SEED).shuffle(items)
+    if limit is not None and limit > 0:
+        items = items[:limit]
+    return items
+
+
+def bos_token_id(tokenizer) -> int:
+    """The id the official evaluator prepends: the tokenizer's BOS, else id 1 (what it falls back to)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1
+
+
+def encode_with_bos(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Tokenize without special tokens, then prepend BOS unless already first (official ``encode_with_bos``)."""
+    bos = bos_token_id(tokenizer)
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        out.append(list(ids) if ids and ids[0] == bos else [bos, *ids])
+    return out

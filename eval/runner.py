@@ -1,0 +1,104 @@
+"""Running CORE / Core-Extended through lm-eval's Python API across seeds and loop depths, plus bpb, into the JSON
+report of ``parcae eval``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .aggregate import fit_all, summarize_depth
+from .bundle import load_baselines, split_available
+from .lm import ParcaeLM
+from .modelio import is_looped
+from .specs import TASKS
+
+logger = logging.getLogger(__name__)
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+def build_tasks(labels: list[str], bundle: str | Path, limit: int | None, baselines: str = "v1") -> dict:
+    """lm-eval Task objects for ``labels`` (built once, reused for every seed and depth)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata={"bundle": str(bundle), "max_per_task": limit, "baselines": baselines})
+    task_logger = logging.getLogger("lm_eval.api.task")
+    level = task_logger.level
+    task_logger.setLevel(logging.ERROR)  # silences a generic per-task "custom kwargs can be passed" notice
+    try:
+        return manager.load([TASKS[label].task_name for label in labels])["tasks"]
+    finally:
+        task_logger.setLevel(level)
+
+
+def run_lm_eval(lm: ParcaeLM, tasks: dict, seed: int, log_samples: bool = False) -> dict:
+    """{label: {"acc", "acc_centered"[, "samples"]}} for one few-shot seed; samples hold per item the score of every
+    option (minus lm-eval's log-likelihood: the mean loss over the scored span with ``--model parcae``)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    # an empty manager: the tasks are built already, and the default one would index all of lm-eval's stock tasks
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), fewshot_random_seed=seed,
+                                  log_samples=log_samples, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_defaults=False))
+    per_task = {}
+    for name, metrics in out["results"].items():
+        label = name.removeprefix("core_")
+        if label not in TASKS:
+            continue
+        per_task[label] = {"acc": metrics["acc,none"], "acc_centered": metrics["acc_centered,none"]}
+        if log_samples:
+            per_task[label]["samples"] = [
+                {"doc_id": s["doc_id"], "acc": s["acc"], "mean_loss": [-float(r[0]) for r in s["filtered_resps"]],
+                 "greedy": [bool(r[1]) for r in s["filtered_resps"]]}
+                for s in sorted(out["samples"][name], key=lambda s: s["doc_id"])]
+    return per_task
+
+
+def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: str | Path | None,
+             seeds: list[int], loops: list[int], limit: int | None = None, batch_size: int = 16,
+             baselines: str = "v1", extended: bool = True, bpb_documents: list[str] | None = None,
+             samples: dict | None = None) -> dict:
+    """The full report. Tasks whose data file is missing are skipped with a warning naming them; fails only when
+    nothing can run. If ``samples`` is a dict it receives per-item scores as samples[depth][seed][label]."""
+    from .bpb import bits_per_byte
+
+    report: dict = {"model": model_name, "bundle": str(bundle) if bundle else None, "baselines": baselines,
+                    "seeds": seeds, "limit": limit, "results": {}}
+    tasks = {}
+    if labels:
+        present, missing = split_available(bundle, labels)
+        if missing:
+            logger.warning("skipping %d task(s) whose data file is missing from %s: %s", len(missing), bundle,
+                           ", ".join(missing))
+            report["skipped"] = missing
+        if not present and not bpb_documents:
+            raise ValueError(f"none of the requested tasks has its data file in {bundle}")
+        tasks = build_tasks(present, bundle, limit, baselines) if present else {}
+        baseline_values = load_baselines(bundle, baselines)
+    looped = report["looped"] = is_looped(model)
+    if not looped and len(loops) > 1:
+        logger.warning("model is not looped: evaluating once and reporting the same numbers for every depth")
+    cached: dict | None = None
+    lm = ParcaeLM(model, tokenizer=tokenizer, batch_size=batch_size)
+    for depth in loops:
+        lm.num_loops = depth
+        if cached is not None and not looped:
+            report["results"][str(depth)] = cached
+            continue
+        entry: dict = {}
+        if tasks:
+            per_seed = []
+            for seed in seeds:
+                logger.info("num_loops=%d seed=%d: %d tasks", depth, seed, len(tasks))
+                res = run_lm_eval(lm, tasks, seed, log_samples=samples is not None)
+                if samples is not None:
+                    samples.setdefault(str(depth), {})[str(seed)] = {k: v.pop("samples") for k, v in res.items()}
+                per_seed.append({label: r["acc"] for label, r in res.items()})
+            entry = summarize_depth(per_seed, baseline_values, extended)
+        if bpb_documents:
+            entry["bpb"] = bits_per_byte(model, tokenizer, bpb_documents, num_loops=depth, batch_size=batch_size)
+        report["results"][str(depth)] = cached = entry
+    if tasks:
+        report["fit"] = fit_all(report["results"])
+    return report
