@@ -1,0 +1,59 @@
+"""Atomic Accelerate checkpoints: write into a temporary folder, then rename it into place.
+
+A crash (or SIGKILL) while saving leaves only a ``.tmp-*`` folder behind, never a half-written ``step-*`` folder, so
+``latest_checkpoint`` always returns a complete checkpoint. Requires a file system shared by all processes (as
+``Accelerator.save_state`` itself does for multi-node runs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [path for path in directory.iterdir() if CHECKPOINT_PATTERN.match(path.name)]
+    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    checkpoints = list_checkpoints(directory)
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep_last: int) -> Path:
+    """``accelerator.save_state`` into ``directory/step-XXXXXXXX`` atomically, keeping the newest ``keep_last``."""
+    final = directory / checkpoint_name(step)
+    temporary = directory / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".tmp-*"):  # left over by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # re-saving the same step after a resume: move the old copy aside first
+            displaced = directory / f".tmp-old-{checkpoint_name(step)}"
+            os.rename(final, displaced)
+            os.rename(temporary, final)
+            shutil.rmtree(displaced)
+        else:
+            os.rename(temporary, final)
+        for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,269 @@
+"""The training loop of ``parcae train``: one Accelerate loop for a laptop CPU, multi-GPU DDP/FSDP and multi-node.
+
+Per optimizer step every process takes the same global batch of ``global_batch_size`` packed rows, keeps its slice
+and splits it into micro-batches (gradient accumulation, ``no_sync`` until the last one). The model samples its
+depth per sequence from ``depth_sampling_seed + depth_sampling_step``; all processes share that counter, so they run
+the same number of loops on every micro-batch (FSDP needs identical collective sequences, and DDP stays in lock
+step). The official code instead offsets the seed by rank; here sequences at the same batch position on different
+ranks share a depth, while depths still vary across positions and steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset
+
+from .checkpoint import latest_checkpoint, save_checkpoint
+from .data import RowStream, build_training_data
+from .evaluation import token_byte_lengths, validation_metrics
+from .optim import build_optimizers, build_schedulers, set_muon_step_hyperparameters
+from .recipe import ModelRecipe, Recipe, recipe_to_dict
+
+
+class TrainState:
+    """Everything about progress that is not a tensor, saved with each checkpoint (``register_for_checkpointing``)."""
+
+    def __init__(self, rows: RowStream, base_model: torch.nn.Module):
+        self.rows = rows
+        self.base_model = base_model
+        self.step = 0
+        self.skipped_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "rows": self.rows.state_dict(),
+                "depth_sampling_step": getattr(self.base_model, "depth_sampling_step", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.rows.load_state_dict(state["rows"])
+        if hasattr(self.base_model, "depth_sampling_step"):
+            self.base_model.depth_sampling_step = state["depth_sampling_step"]
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """bf16 autocast only on GPUs that support it; CPU runs train in fp32."""
+    if requested == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def build_model(recipe: ModelRecipe, tokenizer) -> ParcaeForCausalLM:
+    """A freshly initialised ``ParcaeForCausalLM`` from a preset plus overrides, with the tokenizer's special ids."""
+    fields = dict(recipe.config)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        fields.setdefault(name, getattr(tokenizer, name))
+    config = load_preset(recipe.preset, **fields) if recipe.preset else ParcaeConfig(**fields)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    model = ParcaeForCausalLM(config)
+    if recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def parameters_without_gradient(model: torch.nn.Module) -> list[str]:
+    """Names of parameters outside the autograd graph of a training-mode forward/backward through every block.
+
+    Some layouts own value-embedding tables or gates that the official rules never pair up (e.g. P=R=C=1); DDP must
+    then be told to look for unused parameters, or it fails on the first step.
+    """
+    was_training = model.training
+    model.train()
+    probe = torch.zeros(1, 4, dtype=torch.long)
+    depth = {"num_loops": (0, 1)} if model.config.looped else {}
+    model(input_ids=probe, **depth).logits.float().sum().backward()
+    unused = [name for name, parameter in model.named_parameters()
+              if parameter.requires_grad and parameter.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return unused
+
+
+def train(recipe: Recipe, resume: str | None = None) -> Path:
+    """Run a recipe to the end; returns the folder of the final ``save_pretrained`` model.
+
+    ``resume``: ``"latest"`` (newest checkpoint in ``output_dir/checkpoints``) or a checkpoint folder.
+    """
+    output_dir = Path(recipe.output_dir)
+    checkpoints = output_dir / "checkpoints"
+    settings = recipe.training
+    # without a GPU, torchrun-launched processes (`accelerate launch --multi_gpu`) must be told to use gloo on CPU
+    cpu = not torch.accelerator.is_available()
+    process = PartialState(cpu=cpu)
+    world = process.num_processes
+    per_process = settings.global_batch_size // world
+    if settings.global_batch_size % world or per_process % settings.micro_batch_size:
+        raise ValueError(
+            f"training.global_batch_size ({settings.global_batch_size}) must split into {world} process(es) x "
+            f"whole micro-batches of training.micro_batch_size ({settings.micro_batch_size})"
+        )
+    resume_from = _resolve_resume(resume, checkpoints)
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
+    rows, validation_documents = build_training_data(recipe.data, tokenizer, recipe.seed, process.main_process_first)
+    set_seed(recipe.seed)
+    model = build_model(recipe.model, tokenizer)
+    unused = parameters_without_gradient(model)
+    if unused and process.is_main_process:
+        print("these parameters never receive a gradient in this architecture (DDP will skip them): "
+              + ", ".join(unused))
+    set_seed(recipe.seed)  # the probe drew random initial states: restart the stream so runs depend on the seed only
+    model.train()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=resolve_mixed_precision(settings.mixed_precision),
+        log_with=recipe.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))],
+    )
+    tokens_per_step = settings.global_batch_size * recipe.data.block_size
+    total_steps = settings.max_steps or int(settings.max_tokens // tokens_per_step)
+    if total_steps < 1:
+        raise ValueError("training.max_tokens is smaller than one global batch")
+    optimizers = build_optimizers(model, settings)
+    schedulers = build_schedulers(optimizers, settings, total_steps)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    base_model = accelerator.unwrap_model(model).base_model
+    state = TrainState(rows, base_model)
+    for scheduler in schedulers:  # not prepared: Accelerate would step them once per process
+        accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+
+    accelerator.init_trackers(recipe.run_name, config=_flat_hparams(recipe_to_dict(recipe)))
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    config = accelerator.unwrap_model(model).config
+    eval_depths = recipe.eval.depths if config.looped else None
+    byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)
+    muon = optimizers[0] if len(optimizers) == 2 else None
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc=recipe.run_name, dynamic_ncols=True)
+
+    while state.step < total_steps:
+        started = time.perf_counter()
+        batch = rows.next_rows(settings.global_batch_size)
+        local = batch[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
+        if muon is not None:
+            set_muon_step_hyperparameters(muon, settings, state.step, total_steps)
+        loss, depth = _accumulate_gradients(model, accelerator, local.split(settings.micro_batch_size))
+        if recipe.debug_inject_nan_at_step == state.step + 1:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            for optimizer in optimizers:
+                optimizer.step()
+        else:
+            state.skipped_steps += 1
+            accelerator.print(f"step {state.step + 1}: non-finite gradient norm ({grad_norm.item()}); "
+                              "optimizer step skipped")
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        learning_rate = schedulers[-1].get_last_lr()[0]  # the AdamW rate this step used (Muon's has the same shape)
+        for scheduler in schedulers:
+            scheduler.step()
+        state.step += 1
+
+        loss_value = accelerator.reduce(loss, reduction="mean").item()
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": state.step, "train/loss": loss_value, "train/lr": learning_rate,
+            "train/grad_norm": grad_norm.item(), "train/tokens_per_s": tokens_per_step / elapsed,
+            "train/depth": float(config.num_loops) if depth is None else depth,
+            "train/skipped": not finite, "train/skipped_steps": state.skipped_steps,
+        }
+        is_last = state.step == total_steps
+        evaluate_now = is_last or (recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0)
+        if validation_documents and evaluate_now:
+            record.update(validation_metrics(model, accelerator, validation_documents, byte_lengths, eval_depths,
+                                             recipe.eval.batch_size, tokenizer.pad_token_id or 0))
+        _log(accelerator, output_dir, record, recipe.log_every_steps, is_last)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['train/lr']:.2e}",
+                             tok_s=f"{record['train/tokens_per_s']:.0f}", depth=f"{record['train/depth']:.1f}")
+        if is_last or (recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0):
+            save_checkpoint(accelerator, checkpoints, state.step, recipe.checkpoint.keep_last)
+    progress.close()
+
+    final = output_dir / "final"
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).save_pretrained(
+        str(final), state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(str(final))
+    accelerator.print(f"final model saved to {final}")
+    accelerator.end_training()
+    return final
+
+
+def _accumulate_gradients(model, accelerator: Accelerator,
+                          micro_batches: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, float | None]:
+    """Forward/backward over the micro-batches of one optimizer step (gradients synchronised on the last only).
+
+    Each row is ``block_size + 1`` tokens: inputs ``row[:-1]``, targets ``row[1:]``, every position counted, as in
+    the official loop. Returns the mean loss and the mean sampled depth (None for the loop-free baseline).
+    """
+    losses, depths = [], []
+    for index, rows in enumerate(micro_batches):
+        rows = rows.to(accelerator.device)
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            outputs = model(input_ids=rows[:, :-1])
+            loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), rows[:, 1:].flatten())
+            accelerator.backward(loss / len(micro_batches))
+        losses.append(loss.detach())
+        if outputs.num_loops is not None:
+            depths.append(outputs.num_loops.float().mean())
+    return torch.stack(losses).mean(), (torch.stack(depths).mean().item() if depths else None)
+
+
+def _resolve_resume(resume: str | None, checkpoints: Path) -> Path | None:
+    if resume is None:
+        if latest_checkpoint(checkpoints) is not None:
+            raise ValueError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
+                             "choose another output_dir")
+        return None
+    path = latest_checkpoint(checkpoints) if resume == "latest" else Path(resume)
+    if path is None or not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from ({resume!r}; looked in {checkpoints})")
+    return path
+
+
+def _log(accelerator: Accelerator, output_dir: Path, record: dict, every: int, force: bool) -> None:
+    """Trackers (TensorBoard by default) plus ``metrics.jsonl``, which tests and scripts read without TensorBoard."""
+    step = record["step"]
+    if not force and step % max(every, 1) and not any(key.startswith("val/") for key in record):
+        return
+    accelerator.log({key: float(value) for key, value in record.items() if key != "step"}, step=step)
+    if accelerator.is_main_process:
+        with open(output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _flat_hparams(tree: dict, prefix: str = "") -> dict:
+    """Trackers accept scalars only: flatten sections with dots and render lists/None as strings."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
