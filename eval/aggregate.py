@@ -66,11 +66,23 @@ def fit_saturating(loops: list[int], scores: list[float]) -> dict:
             "formula": "S(T) = S_inf - (S_inf - S0) * exp(-k * T)"}
 
 
+def _metric_points(results: dict[str, dict], metric: str) -> list[tuple[int, float]]:
+    """(num_loops, value) pairs of ``metric``: ``core``, ``core_extended`` or ``val_loss`` (the bpb run's loss)."""
+    points = []
+    for t in sorted(int(t) for t in results):
+        row = results[str(t)]
+        if metric == "val_loss" and "bpb" in row:
+            points.append((t, row["bpb"]["loss"]))
+        elif metric in row:
+            points.append((t, row[metric]))
+    return points
+
+
 def fit_all(results: dict[str, dict]) -> dict:
-    loops = sorted(int(t) for t in results)
+    """The test-time law fitted to every metric present (a falling loss fits with S_inf < S0)."""
     fits = {}
-    for metric in ("core", "core_extended"):
-        points = [(t, results[str(t)][metric]) for t in loops if metric in results[str(t)]]
+    for metric in ("core", "core_extended", "val_loss"):
+        points = _metric_points(results, metric)
         if points:
             fits[metric] = fit_saturating([p[0] for p in points], [p[1] for p in points])
     return fits
@@ -108,31 +120,37 @@ def markdown_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """CORE and Core-Extended against num_loops with the fitted saturating exponential."""
+    """CORE / Core-Extended (and held-out loss, if measured) against num_loops with the fitted saturating exponential."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loops = sorted(int(t) for t in report["results"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for metric, colour in (("core", "tab:blue"), ("core_extended", "tab:orange")):
-        pts = [(t, report["results"][str(t)][metric], report["results"][str(t)][metric + "_std"])
-               for t in loops if metric in report["results"][str(t)]]
-        if not pts:
-            continue
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o", color=colour,
-                    label=metric.replace("_", "-").upper())
-        fit = report.get("fit", {}).get(metric, {})
-        if "S_inf" in fit:
-            grid = np.linspace(min(loops), max(loops), 200)
-            ax.plot(grid, saturating(grid, fit["S_inf"], fit["S0"], fit["k"]), color=colour, alpha=0.7,
-                    label=f"fit: S∞={fit['S_inf']:.2f}, S0={fit['S0']:.2f}, k={fit['k']:.2f}")
-    ax.set_xlabel("num_loops (test-time recurrence T)")
-    ax.set_ylabel("centered accuracy ×100")
-    ax.set_xscale("log", base=2)
-    ax.set_title(str(report["model"])[-60:])
-    ax.legend(fontsize=8)
+    results = report["results"]
+    panels = [("centered accuracy ×100", ("core", "core_extended"))]
+    if _metric_points(results, "val_loss"):
+        panels.append(("held-out loss (nats/token)", ("val_loss",)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    colours = {"core": "tab:blue", "core_extended": "tab:orange", "val_loss": "tab:green"}
+    loops = sorted(int(t) for t in results)
+    for ax, (ylabel, metrics) in zip(axes[0], panels):
+        for metric in metrics:
+            pts = _metric_points(results, metric)
+            if not pts:
+                continue
+            errors = [results[str(t)].get(metric + "_std", 0.0) for t, _ in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=errors, fmt="o", color=colours[metric],
+                        label=metric.replace("_", "-").upper() if metric != "val_loss" else "held-out loss")
+            fit = report.get("fit", {}).get(metric, {})
+            if "S_inf" in fit:
+                grid = np.linspace(min(loops), max(loops), 200)
+                ax.plot(grid, saturating(grid, fit["S_inf"], fit["S0"], fit["k"]), color=colours[metric], alpha=0.7,
+                        label=f"fit: S∞={fit['S_inf']:.3f}, S0={fit['S0']:.3f}, k={fit['k']:.2f}")
+        ax.set_xlabel("num_loops (test-time recurrence T)")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.set_title(str(report["model"])[-60:])
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
