@@ -67,5 +67,14 @@ def tiny_model(seed: int = 0, **overrides) -> ParcaeForCausalLM:
 
 
 @pytest.fixture(scope="session")
+def bundle() -> Path:
+    """The shared CORE eval bundle (its data keep their own licenses and are never committed)."""
+    path = SHARED / "eval_bundle"
+    if not (path / "core.yaml").is_file():
+        pytest.skip(f"{path} is absent: these checks read the shared eval bundle (never committed)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     return (FIXTURES / "tinyshakespeare_excerpt.txt").read_text()

@@ -8,16 +8,6 @@ import random
 import pytest
 import yaml
 
-from conftest import SHARED
-
-BUNDLE = SHARED / "eval_bundle"
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    if not (BUNDLE / "core.yaml").is_file():
-        pytest.skip(f"{BUNDLE} is absent: these checks read the shared eval bundle (never committed)")
-    return BUNDLE
 
 
 def _available(bundle):

@@ -8,16 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import FIXTURES, SHARED
-
-BUNDLE = SHARED / "eval_bundle"
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    if not (BUNDLE / "core.yaml").is_file():
-        pytest.skip(f"{BUNDLE} is absent: these checks read the shared eval bundle (never committed)")
-    return BUNDLE
+from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
