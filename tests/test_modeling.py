@@ -440,3 +440,18 @@ def test_package_imports_register_auto_classes():
     model = AutoModelForCausalLM.from_config(config)
     assert isinstance(model, ParcaeForCausalLM)
     assert str(REPO_ROOT)  # the package under test is this checkout
+
+
+def test_eager_and_sdpa_attention_agree_with_padding():
+    reference = load_reference("released_style")
+    ids = reference["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = load_golden_model("released_style")
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits[implementation] = model(ids, attention_mask=mask, num_loops=3).logits
+    assert (logits["eager"][0] - reference["logits_zero_3"][0]).abs().max() <= 1e-4
+    assert (logits["eager"][:, 4:] - logits["sdpa"][:, 4:]).abs().max() <= 1e-5
