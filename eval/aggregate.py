@@ -127,7 +127,9 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = report["results"]
-    panels = [("centered accuracy ×100", ("core", "core_extended"))]
+    panels = []
+    if _metric_points(results, "core") or _metric_points(results, "core_extended"):
+        panels.append(("centered accuracy ×100", ("core", "core_extended")))
     if _metric_points(results, "val_loss"):
         panels.append(("held-out loss (nats/token)", ("val_loss",)))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)

@@ -84,12 +84,11 @@ def run_eval(args: argparse.Namespace) -> int:
     output.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)
     output.with_suffix(".md").write_text(table)
-    if labels:
-        plot(report, output.with_suffix(".png"))
+    plot(report, output.with_suffix(".png"))
     if samples is not None:
         output.with_suffix(".samples.json").write_text(json.dumps(samples) + "\n")
     print(table)
-    print(f"wrote {output}, {output.with_suffix('.md')}" + (f", {output.with_suffix('.png')}" if labels else ""))
+    print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.png')}")
     return 0
 
 

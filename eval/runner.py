@@ -99,6 +99,5 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
         if bpb_documents:
             entry["bpb"] = bits_per_byte(model, tokenizer, bpb_documents, num_loops=depth, batch_size=batch_size)
         report["results"][str(depth)] = cached = entry
-    if tasks:
-        report["fit"] = fit_all(report["results"])
+    report["fit"] = fit_all(report["results"])
     return report

@@ -84,13 +84,14 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = prompt_ids.to(args.device)
     sampling = _sampling_kwargs(args)
     if loop_counts is None:
-        streamer = TextStreamer(tokenizer)
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
         torch.manual_seed(args.seed)
         model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), streamer=streamer,
                        num_loops=args.num_loops or config.num_loops, **sampling)
         return 0
 
     print(f"prompt: {args.prompt!r}   ({args.max_new_tokens} new tokens, {_describe(sampling)})")
+    model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=1)  # warm-up, untimed
     for loops in loop_counts:
         torch.manual_seed(args.seed)
         start = time.perf_counter()

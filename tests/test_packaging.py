@@ -67,3 +67,15 @@ def test_eval_task_files_ship_in_the_wheel(installed):
     if not (REPO_ROOT / "eval" / "tasks").exists():
         pytest.skip("eval/tasks is not part of this checkout")
     assert len(tasks) == len(list((REPO_ROOT / "eval" / "tasks").rglob("*.yaml"))) > 0
+
+
+def test_the_wheel_carries_the_demo_model_and_generates_offline(installed):
+    demo = installed["target"] / "modeling_parcae" / "demo"
+    assert (demo / "model.safetensors").exists(), "the bundled demo model is not in the wheel"
+    assert sum(f.stat().st_size for f in demo.iterdir()) <= 8 * 2**20
+    assert installed["wheel"].stat().st_size <= 8 * 2**20
+    env = {**installed["env"], "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-S", "-m", "modeling_parcae.cli", "generate", "--max-new-tokens", "8",
+                             "ROMEO:"], env=env, cwd=installed["cwd"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout.strip()) > len("ROMEO:")

@@ -1,0 +1,45 @@
+"""The bundled demo model: present, small, deterministic, and better with more loops on held-out text."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from modeling_parcae import ParcaeForCausalLM
+from modeling_parcae.eval.bpb import bits_per_byte, read_documents
+from modeling_parcae.generation_cli import bundled_model_path
+
+
+@pytest.fixture(scope="module")
+def demo():
+    path = bundled_model_path()
+    assert path is not None, "modeling_parcae/demo is missing: build it with benchmarks/build_demo.py"
+    model = ParcaeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, model, AutoTokenizer.from_pretrained(path)
+
+
+def test_demo_ships_small_fp16_weights(demo):
+    path, model, _ = demo
+    weights = path / "model.safetensors"
+    assert weights.stat().st_size <= 8 * 2**20
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 8 * 2**20
+    assert model.config.injection_type == "diagonal" and model.config.mean_recurrence == 8
+
+
+def test_greedy_generation_is_deterministic_at_1_and_8_loops(demo):
+    _, model, tokenizer = demo
+    ids = tokenizer("ROMEO:", return_tensors="pt")
+    outputs = {}
+    for loops in (1, 8):
+        runs = [model.generate(**ids, num_loops=loops, max_new_tokens=20, do_sample=False) for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])
+        outputs[loops] = runs[0]
+        assert len(tokenizer.decode(runs[0][0, ids.input_ids.shape[1]:]).strip()) > 0
+    assert not torch.equal(outputs[1], outputs[8])
+
+
+def test_held_out_loss_is_lower_at_8_loops_than_at_1(demo):
+    path, model, tokenizer = demo
+    documents = read_documents(path / "heldout.txt")
+    loss = {loops: bits_per_byte(model, tokenizer, documents, num_loops=loops, progress=False)["loss"]
+            for loops in (1, 8)}
+    assert loss[8] < loss[1], loss
