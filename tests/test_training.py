@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from conftest import FIXTURES, REPO_ROOT, SHARED
+from conftest import FIXTURES, REPO_ROOT
 from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint
 from modeling_parcae.training.data import build_training_data, packing_function
 from modeling_parcae.training.optim import (
@@ -30,7 +30,7 @@ from modeling_parcae.training.recipe import DataRecipe, TrainingRecipe, bundled_
 ROOT = REPO_ROOT
 EXCERPT = FIXTURES / "tinyshakespeare_excerpt.txt"
 TINY_TOKENIZER = ROOT / "configuration" / "recipes" / "tokenizer-tiny"
-GOLDEN_TOKENIZER = SHARED / "golden" / "tokenizer" / "tokenizer.json"
+GOLDEN_TOKENIZER = FIXTURES / "golden" / "tokenizer" / "tokenizer.json"
 BUNDLED = ["tiny-cpu", "parcae-140m", "parcae-370m", "parcae-770m", "parcae-1.3b",
            "gpt-140m", "gpt-370m", "gpt-770m", "gpt-1.3b"]
 # The reference run shared by several tests: 16 steps of 16 rows in micro-batches of 4 (one process: 4 accumulated
@@ -191,8 +191,6 @@ def test_trapezoid_schedule_and_muon_hyperparameters():
 # tokenizer
 # ----------------------------------------------------------------------------------------------------------------
 def test_trained_tokenizer_matches_the_official_format(tmp_path):
-    if not GOLDEN_TOKENIZER.exists():
-        pytest.skip(f"{GOLDEN_TOKENIZER} is absent: the golden tokenizer is read from ../shared, not committed")
     result = parcae("train-tokenizer", "--data", str(EXCERPT), "--vocab-size", "300", "--output", str(tmp_path / "tok"))
     assert result.returncode == 0, result.stderr
     ours = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
