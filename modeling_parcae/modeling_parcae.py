@@ -535,23 +535,25 @@ class ParcaeModel(ParcaePreTrainedModel):
         return LoopSchedule.fixed(no_grad, with_grad)
 
     def _position_ids(self, position_ids, attention_mask, past_length, batch_size, seq_len, device) -> torch.Tensor:
-        """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone."""
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
-            else:
-                position_ids = torch.arange(past_length, past_length + seq_len, device=device).expand(batch_size, -1)
-        if position_ids.dim() == 1:
-            position_ids = position_ids.expand(batch_size, -1)
+        """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone.
+
+        Without padding the count equals ``arange``, so the mask path needs no host sync to decide anything.
+        """
         limit = self.config.max_position_embeddings
-        if past_length + seq_len > limit or int(position_ids.max()) >= limit:
+        if past_length + seq_len > limit:
             raise ValueError(
                 f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
                 f"max_position_embeddings={limit}, the context the model was trained for"
             )
-        return position_ids
+        if position_ids is not None:
+            if int(position_ids.max()) >= limit:
+                raise ValueError(f"position_ids reach {int(position_ids.max())}, beyond max_position_embeddings={limit}")
+            return position_ids.expand(batch_size, -1) if position_ids.dim() == 1 else position_ids
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == past_length + seq_len:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+        return torch.arange(past_length, past_length + seq_len, device=device).expand(batch_size, -1)
 
-    def _lookup_value_embeddings(self, input_ids: torch.LongTensor | None) -> dict[int, torch.Tensor]:
+    def _lookup_value_embeddings(self, input_ids: torch.LongTensor | None) -> dict[tuple[str, int], torch.Tensor]:
         """Value embeddings of the blocks that own both a table and a gate (looked up once, reused by every loop)."""
         if input_ids is None:
             return {}
