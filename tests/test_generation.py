@@ -230,3 +230,33 @@ def test_cli_rejects_a_prompt_longer_than_the_context(saved_model):
     result = run_cli("--model", str(saved_model), "--max-new-tokens", "10", "word " * 200)
     assert result.returncode == 2
     assert "maximum context of 128" in result.stderr
+
+
+def test_user_stopping_criteria_end_generation(word_model):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfterThreeNewTokens(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 5 + 3, dtype=torch.bool)
+
+    prompt = torch.randint(3, 288, (1, 5))
+    out = greedy(word_model, prompt, 2, max_new_tokens=20, stopping_criteria=StoppingCriteriaList([
+        StopAfterThreeNewTokens()]))
+    assert out.shape == (1, 8)
+
+
+def test_official_random_initial_state_while_decoding_is_opt_in_and_seedable(word_model, tmp_path):
+    word_model.save_pretrained(tmp_path)
+    official = ParcaeForCausalLM.from_pretrained(tmp_path, inference_state_init="config").eval()
+    prompt = torch.randint(3, 288, (1, 6), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            runs.append(official(prompt, num_loops=3).logits)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    torch.manual_seed(0)
+    sampled = greedy(official, prompt, 3, max_new_tokens=6)  # noise drawn for each new token, as officially
+    assert sampled.shape == (1, 12)
+    with torch.no_grad():
+        assert not torch.equal(word_model(prompt, num_loops=3).logits, runs[0])  # default policy: zero state
