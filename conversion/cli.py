@@ -7,10 +7,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .convert import DEFAULT_MAX_SHARD_SIZE, convert_official_to_transformers, convert_transformers_to_official
-from .hub import default_tokenizer_source, download_official
-from .official_format import is_official_config, read_config
-from .push import push_converted
+from modeling_parcae.conversion.convert import DEFAULT_MAX_SHARD_SIZE, convert_official_to_transformers, convert_transformers_to_official
+from modeling_parcae.conversion.hub import default_tokenizer_source, download_official
+from modeling_parcae.conversion.official_format import is_official_config, read_config
+from modeling_parcae.conversion.push import push_converted
 
 
 def register(subparsers) -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..configuration_parcae import ParcaeConfig
-from .atomic import atomic_directory
-from .model_card import render_model_card
-from .official_config import official_config_from_parcae, parcae_config_from_official
-from .official_format import is_official_config, read_config, read_official_checkpoint
-from .state_dict import expected_hf_shapes, hf_to_official, official_to_hf
-from .tokenizer import load_official_tokenizer
+from modeling_parcae.configuration_parcae import ParcaeConfig
+from modeling_parcae.conversion.atomic import atomic_directory
+from modeling_parcae.conversion.model_card import render_model_card
+from modeling_parcae.conversion.official_config import official_config_from_parcae, parcae_config_from_official
+from modeling_parcae.conversion.official_format import is_official_config, read_config, read_official_checkpoint
+from modeling_parcae.conversion.state_dict import expected_hf_shapes, hf_to_official, official_to_hf
+from modeling_parcae.conversion.tokenizer import load_official_tokenizer
 
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
@@ -32,7 +32,7 @@ def convert_official_to_transformers(source_dir: str | Path, destination: str | 
     ``tokenizer_source`` is a tokenizer directory or Hub id; ``None`` uses ``source_dir`` when it holds a
     ``tokenizer.json`` and otherwise writes no tokenizer.
     """
-    from ..modeling_parcae import ParcaeForCausalLM
+    from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
     source_dir = Path(source_dir)
     checkpoint = read_official_checkpoint(source_dir)

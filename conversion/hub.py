@@ -18,9 +18,9 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .convert import convert_official_to_transformers
-from .official_format import WEIGHT_FILES, is_official_config
-from .tokenizer import OFFICIAL_TOKENIZER_REPO, load_official_tokenizer
+from modeling_parcae.conversion.convert import convert_official_to_transformers
+from modeling_parcae.conversion.official_format import WEIGHT_FILES, is_official_config
+from modeling_parcae.conversion.tokenizer import OFFICIAL_TOKENIZER_REPO, load_official_tokenizer
 
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ Both directions (official -> transformers and back) are derived from the two tab
 
 import re
 
-from ..configuration_parcae import ParcaeConfig
+from modeling_parcae.configuration_parcae import ParcaeConfig
 
 
 # official stage prefix -> transformers stage prefix (``transformer.h`` is the GPT baseline's single stack)

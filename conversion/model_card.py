@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..configuration_parcae import ParcaeConfig
+from modeling_parcae.configuration_parcae import ParcaeConfig
 
 
 # replaced by the repo id when `parcae push` publishes the card

@@ -7,9 +7,9 @@ the official dataclasses (reference §5.1) so that ``parcae_lm.from_pretrained``
 
 from __future__ import annotations
 
-from ..configuration_parcae import ParcaeConfig
-from .key_map import official_config_to_kwargs
-from .official_format import OfficialFormatError
+from modeling_parcae.configuration_parcae import ParcaeConfig
+from modeling_parcae.conversion.key_map import official_config_to_kwargs
+from modeling_parcae.conversion.official_format import OfficialFormatError
 
 
 # fields the conversion does not represent because every official model uses these values (reference §0)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from .model_card import REPO_PLACEHOLDER
-from .official_format import is_official_config
+from modeling_parcae.conversion.model_card import REPO_PLACEHOLDER
+from modeling_parcae.conversion.official_format import is_official_config
 
 
 REQUIRED_FILES = ("config.json", "README.md", "configuration_parcae.py", "modeling_parcae.py")

@@ -11,9 +11,9 @@ from collections import OrderedDict
 
 import torch
 
-from ..configuration_parcae import ParcaeConfig
-from .key_map import DERIVED_OFFICIAL_KEYS, hf_to_official_key, official_to_hf_key
-from .rope import freqs_cis_problem, official_freqs_cis
+from modeling_parcae.configuration_parcae import ParcaeConfig
+from modeling_parcae.conversion.key_map import DERIVED_OFFICIAL_KEYS, hf_to_official_key, official_to_hf_key
+from modeling_parcae.conversion.rope import freqs_cis_problem, official_freqs_cis
 
 
 TIED_HF_KEY = "lm_head.weight"
@@ -39,7 +39,7 @@ class KeyAccountingError(ValueError):
 
 def expected_hf_shapes(config: ParcaeConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor the model saves, from a model built on the meta device (no memory)."""
-    from ..modeling_parcae import ParcaeForCausalLM
+    from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
     with torch.device("meta"):
         model = ParcaeForCausalLM(config)

@@ -7,7 +7,7 @@ no plugin discovery for model names, so the registering import must happen first
 
 from lm_eval.__main__ import cli_evaluate
 
-from . import lm  # noqa: F401  (registers --model parcae)
+from modeling_parcae.eval import lm  # noqa: F401  (registers --model parcae)
 
 if __name__ == "__main__":
     cli_evaluate()

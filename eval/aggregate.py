@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .specs import CORE_LABELS, TASKS
+from modeling_parcae.eval.specs import CORE_LABELS, TASKS
 
 
 def centered(acc: float, baseline: float) -> float:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .modelio import forward_logits, max_length, pad_id_of, pad_right
+from modeling_parcae.eval.modelio import forward_logits, max_length, pad_id_of, pad_right
 
 
 def read_documents(path: str | Path, limit: int | None = None) -> list[str]:

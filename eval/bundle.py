@@ -13,7 +13,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from .specs import TASKS, V2_BASELINE_OVERRIDES
+from modeling_parcae.eval.specs import TASKS, V2_BASELINE_OVERRIDES
 
 logger = logging.getLogger(__name__)
 

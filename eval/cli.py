@@ -57,12 +57,12 @@ def run_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress output
-    from .aggregate import markdown_table, plot
-    from .bpb import read_documents
-    from .bundle import resolve_bundle
-    from .modelio import load_model_and_tokenizer
-    from .runner import evaluate
-    from .specs import GROUPS, resolve_task_names
+    from modeling_parcae.eval.aggregate import markdown_table, plot
+    from modeling_parcae.eval.bpb import read_documents
+    from modeling_parcae.eval.bundle import resolve_bundle
+    from modeling_parcae.eval.modelio import load_model_and_tokenizer
+    from modeling_parcae.eval.runner import evaluate
+    from modeling_parcae.eval.specs import GROUPS, resolve_task_names
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     want_bpb = "bpb" in names

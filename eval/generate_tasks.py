@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .specs import GROUPS, LM, MC, TASKS
+from modeling_parcae.eval.specs import GROUPS, LM, MC, TASKS
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 TEMPLATE = "_core_template.yaml"

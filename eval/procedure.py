@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from .specs import TaskSpec
+from modeling_parcae.eval.specs import TaskSpec
 
 SHUFFLE_SEED = 1337
 

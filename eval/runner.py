@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .aggregate import fit_all, summarize_depth
-from .bundle import load_baselines, split_available
-from .lm import ParcaeLM
-from .modelio import is_looped
-from .specs import TASKS
+from modeling_parcae.eval.aggregate import fit_all, summarize_depth
+from modeling_parcae.eval.bundle import load_baselines, split_available
+from modeling_parcae.eval.lm import ParcaeLM
+from modeling_parcae.eval.modelio import is_looped
+from modeling_parcae.eval.specs import TASKS
 
 logger = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -61,7 +61,7 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
              samples: dict | None = None) -> dict:
     """The full report. Tasks whose data file is missing are skipped with a warning naming them; fails only when
     nothing can run. If ``samples`` is a dict it receives per-item scores as samples[depth][seed][label]."""
-    from .bpb import bits_per_byte
+    from modeling_parcae.eval.bpb import bits_per_byte
 
     report: dict = {"model": model_name, "bundle": str(bundle) if bundle else None, "baselines": baselines,
                     "seeds": seeds, "limit": limit, "results": {}}

@@ -5,10 +5,10 @@ Importing this package registers ``model_type="parcae"`` with ``AutoConfig`` and
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .cache_parcae import ParcaeCache
-from .configuration_parcae import ParcaeConfig
-from .modeling_parcae import ParcaeForCausalLM, ParcaeModel, ParcaePreTrainedModel
-from .presets import list_presets, load_preset
+from modeling_parcae.cache_parcae import ParcaeCache
+from modeling_parcae.configuration_parcae import ParcaeConfig
+from modeling_parcae.modeling_parcae import ParcaeForCausalLM, ParcaeModel, ParcaePreTrainedModel
+from modeling_parcae.presets import list_presets, load_preset
 
 
 AutoConfig.register("parcae", ParcaeConfig, exist_ok=True)
@@ -30,6 +30,6 @@ __all__ = [
 
 # Official-format checkpoints (no `model_type` in config.json) load through the Auto classes too: the hook converts
 # them on the fly and passes everything else through untouched.
-from .conversion.hub import install_auto_hooks  # noqa: E402
+from modeling_parcae.conversion.hub import install_auto_hooks  # noqa: E402
 
 install_auto_hooks()

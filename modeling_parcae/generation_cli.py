@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_parcae import validate_num_loops
+from modeling_parcae.configuration_parcae import validate_num_loops
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
-    from .configuration_parcae import ParcaeConfig
-    from .modeling_parcae import ParcaeForCausalLM
+    from modeling_parcae.configuration_parcae import ParcaeConfig
+    from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
     loop_counts = parse_loop_list(args.compare_loops) if args.compare_loops else None
     if args.num_loops is not None:

@@ -3,7 +3,7 @@
 import json
 from importlib import resources
 
-from .configuration_parcae import ParcaeConfig
+from modeling_parcae.configuration_parcae import ParcaeConfig
 
 
 def _preset_files() -> dict:

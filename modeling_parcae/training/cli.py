@@ -38,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .loop import train
-    from .recipe import load_recipe
+    from modeling_parcae.training.loop import train
+    from modeling_parcae.training.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     train(recipe, resume=args.resume_from or ("latest" if args.resume else None))
@@ -47,8 +47,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train_tokenizer(args: argparse.Namespace) -> int:
-    from .data import check_text_column, load_documents
-    from .tokenizer import iter_texts, train_tokenizer
+    from modeling_parcae.training.data import check_text_column, load_documents
+    from modeling_parcae.training.tokenizer import iter_texts, train_tokenizer
 
     documents = load_documents(args.data, args.name, args.split, args.streaming, args.sample_by)
     check_text_column(documents, args.text_column, args.data)

@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 import torch
 
-from .recipe import DataRecipe
+from modeling_parcae.training.recipe import DataRecipe
 
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

@@ -25,11 +25,11 @@ from transformers import AutoTokenizer
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset
 
-from .checkpoint import latest_checkpoint, save_checkpoint
-from .data import RowStream, build_training_data
-from .evaluation import token_byte_lengths, validation_metrics
-from .optim import build_optimizers, build_schedulers, set_muon_step_hyperparameters
-from .recipe import ModelRecipe, Recipe, recipe_to_dict
+from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint
+from modeling_parcae.training.data import RowStream, build_training_data
+from modeling_parcae.training.evaluation import token_byte_lengths, validation_metrics
+from modeling_parcae.training.optim import build_optimizers, build_schedulers, set_muon_step_hyperparameters
+from modeling_parcae.training.recipe import ModelRecipe, Recipe, recipe_to_dict
 
 
 class TrainState:

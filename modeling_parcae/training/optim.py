@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.optimization import get_wsd_schedule
 
-from .recipe import TrainingRecipe
+from modeling_parcae.training.recipe import TrainingRecipe
 
 ADAMW_NAME_MARKERS = ("embed_tokens", "value_embeddings", "lm_head", "norm", "injection", "state_readout", "bias")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration_parcae import ParcaeConfig
+from modeling_parcae.configuration_parcae import ParcaeConfig
 
 
 @dataclasses.dataclass
