@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from modeling_parcae.dtypes import DTYPES
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -34,7 +36,7 @@ def register(subparsers) -> None:
                    "few-shot examples from those N only")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--bundle", default=None, help="eval bundle directory (default: $PARCAE_EVAL_BUNDLE, else "
                    "download once into $PARCAE_CACHE or ~/.cache/parcae)")
     p.add_argument("--baselines", default="v1", choices=["v1", "v2"], help="random baselines for centering "

@@ -19,11 +19,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from modeling_parcae.eval.modelio import forward_logits, load_model_and_tokenizer, pad_id_of, pad_right
+from modeling_parcae.eval.modelio import forward_logits, load_model_and_tokenizer
 from modeling_parcae.eval.modelio import max_length as model_max_length
 from modeling_parcae.eval.procedure import encode_with_bos
 from modeling_parcae.eval.specs import LM as LM_TYPE
 from modeling_parcae.eval.specs import MC, SCHEMA
+from modeling_parcae.scoring import pad_id_of, pad_right
 
 
 @dataclass

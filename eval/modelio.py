@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from modeling_parcae.dtypes import torch_dtype
 
 
 def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float32"):
@@ -16,9 +16,7 @@ def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float
     import modeling_parcae  # noqa: F401  (registers ParcaeConfig / ParcaeForCausalLM)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -45,18 +43,3 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     kwargs = {"num_loops": num_loops} if num_loops is not None and is_looped(model) else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.logits.float()
-
-
-def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows into (input_ids, attention_mask); right padding leaves real positions unchanged."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id_of(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

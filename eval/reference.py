@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from jinja2 import Template
 from tqdm import tqdm
 
-from modeling_parcae.eval.modelio import forward_logits, max_length, pad_id_of, pad_right
+from modeling_parcae.eval.modelio import forward_logits, max_length
 from modeling_parcae.eval.procedure import encode_with_bos, load_items
 from modeling_parcae.eval.specs import LM, MC, SCHEMA, TASKS, TaskSpec
+from modeling_parcae.scoring import pad_id_of, pad_right
 
 _MC = Template("""
 {%- for example in fewshot_examples -%}

@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 
 from modeling_parcae.configuration_parcae import validate_num_loops
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from modeling_parcae.dtypes import DTYPES, torch_dtype
 
 
 def bundled_model_path() -> Path | None:
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             f"maximum context of {limit} positions"
         )
 
-    model = ParcaeForCausalLM.from_pretrained(model_path, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    model = ParcaeForCausalLM.from_pretrained(model_path, dtype=torch_dtype(args.dtype)).to(args.device).eval()
     prompt_ids = prompt_ids.to(args.device)
     sampling = _sampling_kwargs(args)
     if loop_counts is None:

@@ -25,9 +25,10 @@ from transformers import AutoTokenizer
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset
 
+from modeling_parcae.scoring import pad_id_of, token_byte_lengths
 from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint
 from modeling_parcae.training.data import RowStream, build_training_data
-from modeling_parcae.training.evaluation import token_byte_lengths, validation_metrics
+from modeling_parcae.training.evaluation import validation_metrics
 from modeling_parcae.training.optim import build_optimizers, build_schedulers, set_muon_step_hyperparameters
 from modeling_parcae.training.recipe import ModelRecipe, Recipe, recipe_to_dict
 
@@ -192,7 +193,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         evaluate_now = is_last or (recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0)
         if validation_documents and evaluate_now:
             record.update(validation_metrics(model, accelerator, validation_documents, byte_lengths, eval_depths,
-                                             recipe.eval.batch_size, tokenizer.pad_token_id or 0))
+                                             recipe.eval.batch_size, pad_id_of(tokenizer)))
         _log(accelerator, output_dir, record, recipe.log_every_steps, is_last)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['train/lr']:.2e}",
