@@ -12,7 +12,7 @@ from modeling_parcae.generation_cli import bundled_model_path
 @pytest.fixture(scope="module")
 def demo():
     path = bundled_model_path()
-    assert path is not None, "modeling_parcae/demo is missing: build it with benchmarks/build_demo.py"
+    assert path is not None, "modeling_parcae/demo is missing: build it with scripts/build_demo.py"
     model = ParcaeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, model, AutoTokenizer.from_pretrained(path)
 

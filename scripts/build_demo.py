@@ -4,7 +4,7 @@ Writes fp16 safetensors (the package-data budget is 8 MB), the tokenizer, the he
 recipe held out for validation, for ``parcae eval --tasks bpb``), a summary of the training log and a model card.
 The destination is replaced atomically.
 
-    python benchmarks/build_demo.py runs/demo-shakespeare modeling_parcae/demo
+    python scripts/build_demo.py runs/demo-shakespeare modeling_parcae/demo
 """
 
 import argparse
@@ -73,7 +73,7 @@ print(tokenizer.decode(model.generate(**ids, num_loops=8, max_new_tokens=60)[0])
 Training: first/last train loss {summary['first_train_loss']:.3f} / {summary['last_train_loss']:.3f}; held-out
 validation at the end ({losses}). `heldout.txt` holds the {summary['held_out_paragraphs']} held-out paragraphs
 (never trained on) for `parcae eval --model <this dir> --tasks bpb --text <this dir>/heldout.txt`.
-Reproduce: `parcae train demo-shakespeare`, then `python benchmarks/build_demo.py runs/demo-shakespeare DST`.
+Reproduce: `parcae train demo-shakespeare`, then `python scripts/build_demo.py runs/demo-shakespeare DST`.
 """
 
 

@@ -3,9 +3,9 @@
 This project starts the recurrent state at zero at inference (deterministic); the official code draws a fresh
 truncated-normal ``like-init`` state on every forward. This script measures the held-out loss of the bundled demo
 model for both, at several loop counts (the random policy over three seeds), and writes
-``benchmarks/results/demo_state_init.json``.
+``scripts/results/demo_state_init.json``.
 
-    python benchmarks/demo_state_init.py
+    python scripts/demo_state_init.py
 """
 
 import json

@@ -12,9 +12,9 @@ with ``parcae train`` (diagonal / linear / add x the recipe's learning rate and 
 * the residual-state norm after each of 16 loops (twice the trained mean depth) on held-out text, and the held-out
   loss at 1, 2, 4, 8, 16 loops.
 
-Writes ``benchmarks/results/stability.json`` and ``stability.png``.
+Writes ``scripts/results/stability.json`` and ``stability.png``.
 
-    python benchmarks/stability.py [--steps 150] [--output-dir runs/stability]
+    python scripts/stability.py [--steps 150] [--output-dir runs/stability]
 """
 
 import argparse
