@@ -1,22 +1,28 @@
-"""Write a directory completely or not at all: build it next to the destination, then rename it into place."""
+"""Write a directory completely or not at all: build it next to the destination, then rename it into place.
+
+Staging folders are named ``.<name>.partial-<pid>-<random>``; one whose process no longer runs was left by a killed
+run and is removed the next time the same destination is written.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 @contextmanager
-def atomic_directory(destination: str | Path, overwrite: bool = False):
+def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``destination``; on success it becomes ``destination``, on error it vanishes."""
     destination = Path(destination).absolute()
     if destination.exists() and not overwrite and not _is_empty_dir(destination):
         raise FileExistsError(f"{destination} already exists (pass --overwrite to replace it)")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    remove_abandoned_staging(destination)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-{os.getpid()}-", dir=destination.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result may live in a shared cache
     try:
         yield staging
@@ -29,6 +35,34 @@ def atomic_directory(destination: str | Path, overwrite: bool = False):
             os.rename(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_not_overlapping(source: str | Path, destination: str | Path) -> None:
+    """Refuse a destination that is the source, lies inside it or contains it: replacing it would delete the source."""
+    source, destination = Path(source).resolve(), Path(destination).resolve()
+    if source == destination or source in destination.parents or destination in source.parents:
+        relation = ("is" if source == destination else
+                    "lies inside" if source in destination.parents else "contains")
+        raise ValueError(f"destination {destination} {relation} the source {source}; choose a separate directory")
+
+
+def remove_abandoned_staging(destination: Path) -> None:
+    """Delete ``.<name>.partial-<pid>-*`` and ``.<name>.old-<pid>`` siblings whose writing process has died."""
+    for leftover in destination.parent.glob(f".{destination.name}.*"):
+        kind, _, rest = leftover.name[len(destination.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("partial", "old") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _is_empty_dir(path: Path) -> bool:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from modeling_parcae.configuration_parcae import ParcaeConfig
-from modeling_parcae.conversion.atomic import atomic_directory
+from modeling_parcae.conversion.atomic import atomic_directory, check_not_overlapping
 from modeling_parcae.conversion.model_card import render_model_card
 from modeling_parcae.conversion.official_config import official_config_from_parcae, parcae_config_from_official
 from modeling_parcae.conversion.official_format import is_official_config, read_config, read_official_checkpoint
@@ -35,6 +35,7 @@ def convert_official_to_transformers(source_dir: str | Path, destination: str | 
     from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
     source_dir = Path(source_dir)
+    check_not_overlapping(source_dir, destination)
     checkpoint = read_official_checkpoint(source_dir)
     config = parcae_config_from_official(checkpoint.config, checkpoint.architecture)
     state = official_to_hf(checkpoint.state_dict, config, expected_hf_shapes(config))
@@ -62,6 +63,7 @@ def convert_transformers_to_official(source_dir: str | Path, destination: str | 
                                      overwrite: bool = False) -> Path:
     """Write ``config.json`` (with ``_class_name``) + ``model.pt`` as ``parcae_lm.save_pretrained`` does."""
     source_dir = Path(source_dir)
+    check_not_overlapping(source_dir, destination)
     if is_official_config(read_config(source_dir)):
         raise ValueError(f"{source_dir} is already in the official format")
     config = ParcaeConfig.from_pretrained(source_dir)

@@ -12,7 +12,11 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+
+from modeling_parcae.conversion.atomic import atomic_directory
+from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 
@@ -57,3 +61,22 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep_l
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_final_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, destination: Path) -> None:
+    """``save_pretrained`` of the trained model plus its tokenizer, appearing at ``destination`` complete or not at all.
+
+    Every process takes part in gathering the full state dict (FSDP shards it); the main process loads it into a
+    plain ``ParcaeForCausalLM`` built on the meta device (FSDP turns the trained module into a torch-generated
+    subclass, whose source file ``save_pretrained`` would copy as remote code) and writes through a staging folder.
+    """
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        with torch.device("meta"):
+            plain = ParcaeForCausalLM(accelerator.unwrap_model(model).config)
+        plain.load_state_dict(state, strict=True, assign=True)
+        plain.tie_weights()
+        with atomic_directory(destination, overwrite=True) as staging:
+            plain.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    accelerator.wait_for_everyone()

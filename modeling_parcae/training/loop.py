@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from transformers import AutoTokenizer
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset
 
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
-from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint
+from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint, save_final_model
 from modeling_parcae.training.data import RowStream, build_training_data
+from modeling_parcae.training.distributed import enable_fsdp_on_cpu, prepare_model_and_optimizers
 from modeling_parcae.training.evaluation import validation_metrics
 from modeling_parcae.training.optim import build_optimizers, build_schedulers, set_muon_step_hyperparameters
 from modeling_parcae.training.recipe import ModelRecipe, Recipe, recipe_to_dict
@@ -129,13 +131,14 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))],
     )
+    enable_fsdp_on_cpu(accelerator)
     tokens_per_step = settings.global_batch_size * recipe.data.block_size
     total_steps = settings.max_steps or int(settings.max_tokens // tokens_per_step)
     if total_steps < 1:
         raise ValueError("training.max_tokens is smaller than one global batch")
-    optimizers = build_optimizers(model, settings)
-    schedulers = build_schedulers(optimizers, settings, total_steps)
-    model, *optimizers = accelerator.prepare(model, *optimizers)
+    model, optimizers = prepare_model_and_optimizers(accelerator, model, lambda m: build_optimizers(m, settings))
+    # on the bare optimizers: Accelerate's wrappers would step the schedules once per process
+    schedulers = build_schedulers([getattr(o, "optimizer", o) for o in optimizers], settings, total_steps)
     base_model = accelerator.unwrap_model(model).base_model
     state = TrainState(rows, base_model)
     for scheduler in schedulers:  # not prepared: Accelerate would step them once per process
@@ -144,6 +147,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        if accelerator.is_main_process:
+            truncate_metrics(output_dir / "metrics.jsonl", state.step)
 
     accelerator.init_trackers(recipe.run_name, config=_flat_hparams(recipe_to_dict(recipe)))
     if accelerator.is_main_process:
@@ -194,6 +199,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         if validation_documents and evaluate_now:
             record.update(validation_metrics(model, accelerator, validation_documents, byte_lengths, eval_depths,
                                              recipe.eval.batch_size, pad_id_of(tokenizer)))
+            if accelerator.is_main_process:
+                progress.write(_validation_line(record))
         _log(accelerator, output_dir, record, recipe.log_every_steps, is_last)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['train/lr']:.2e}",
@@ -204,12 +211,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
 
     final = output_dir / "final"
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(
-        str(final), state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-    )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(str(final))
+    save_final_model(accelerator, model, tokenizer, final)
     accelerator.print(f"final model saved to {final}")
     accelerator.end_training()
     return final
@@ -257,6 +259,35 @@ def _log(accelerator: Accelerator, output_dir: Path, record: dict, every: int, f
     if accelerator.is_main_process:
         with open(output_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _validation_line(record: dict) -> str:
+    """``step 8 validation: loss@1 5.230 (bpb 2.41) ...`` for the console, next to the progress bar."""
+    parts = [f"{key.removeprefix('val/')} {value:.4f} (bpb {record[key.replace('/loss', '/bpb')]:.3f})"
+             for key, value in record.items() if key.startswith("val/loss")]
+    return f"step {record['step']} validation: " + "  ".join(parts)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (logged by the interrupted run after its last checkpoint), so that the resumed
+    run's records continue the file and no curve goes backwards. A final line cut short by the kill is dropped too;
+    a broken line elsewhere is an error naming the file and line. The file is replaced atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _flat_hparams(tree: dict, prefix: str = "") -> dict:
