@@ -94,7 +94,8 @@ def official_config_to_kwargs(official: dict) -> dict:
     """Translate an official config dict (``parcae_lm`` ``ParcaeConfig`` or ``GPTConfig`` asdict) to ParcaeConfig kwargs.
 
     The caller decides whether the config is a GPT baseline (``looped``) because a missing ``_class_name`` must not
-    silently mean GPT (reference §11.11): see ``conversion.official_format.detect_architecture``.
+    silently mean GPT (as official ``parcae_lm/__init__.py`` reads it): see
+    ``conversion.official_format.detect_architecture``.
     """
     looped = "n_layers_in_recurrent_block" in official
     rope = official.get("rope_settings") or {}

@@ -1,8 +1,8 @@
 """Config translation in both directions between ``ParcaeConfig`` and the official ``config.json``.
 
 official -> transformers is ``key_map.official_config_to_kwargs``; this module adds the reverse: the full field set of
-the official dataclasses (reference §5.1) so that ``parcae_lm.from_pretrained`` can rebuild the model, plus
-``_class_name`` so it does not fall back to GPT.
+the official dataclasses (``parcae_lm/models/parcae/config.py``) so that ``parcae_lm.from_pretrained`` can rebuild
+the model, plus ``_class_name`` so it does not fall back to GPT.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from modeling_parcae.conversion.key_map import official_config_to_kwargs
 from modeling_parcae.conversion.official_format import OfficialFormatError
 
 
-# fields the conversion does not represent because every official model uses these values (reference §0)
+# fields the conversion does not represent because every official model (``parcae_lm/configs/*/*.py``) uses these values
 _SHARED_CONSTANTS = dict(
     hf_config={}, use_abacus=False, randomize_positions_from=None, block_class_name="TransformerPreNormBlock",
     norm_class_name="RMSNorm", attn_impl="flash", mlp_class_name="BaseMLP", nonlin_name="ReLU2", qk_bias=False,

@@ -1,4 +1,5 @@
-"""Reading checkpoints in the official ``parcae_lm`` layouts (reference §5.1-§5.2).
+"""Reading checkpoints in the official ``parcae_lm`` layouts (savers in ``parcae_lm/__init__.py``,
+``receval/models/parcae.py`` and ``scripts/train.py``).
 
 The official savers disagree on file names, key prefixes and whether ``config.json`` carries ``_class_name``; this
 module turns any of them into one ``OfficialCheckpoint`` (plain config dict + unprefixed state dict + architecture).
@@ -68,7 +69,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # torch and safetensors raise many types for a damaged file
         raise OfficialFormatError(f"cannot read weights file {path} (truncated or corrupt?): {error}") from error
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # Lightning Fabric training checkpoint (reference §5.2)
+        state = state["model"]  # Lightning Fabric training checkpoint (official ``scripts/train.py``)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise OfficialFormatError(f"{path} does not hold a state dict of tensors")
     return strip_prefixes(state)
@@ -100,7 +101,7 @@ def detect_architecture(config: dict, keys) -> str:
     """``parcae`` or ``gpt``, from ``_class_name`` if present, else from the fields and tensor names.
 
     The official ``parcae_lm.from_pretrained`` defaults a missing ``_class_name`` to GPT, which misreads every
-    checkpoint the receval wrapper saved (reference §11.11); here the evidence must agree or we refuse.
+    checkpoint the receval wrapper saved (``receval/models/parcae.py``); here the evidence must agree or we refuse.
     """
     keys = list(keys)
     has_core_keys = any(k.startswith("transformer.core_block.") for k in keys)

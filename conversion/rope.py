@@ -7,12 +7,14 @@ import torch
 
 # Float32 recomputation on another device or code path may differ by an ulp in inv_freq, and the angle error grows
 # with the position (~1.5e-4 at position 2047 was seen here), so the allowed error grows linearly with it. A table
-# saved from a bf16-cast model is off by ~1e-3 already at position 1 (reference §2.9) and is still caught.
+# saved from a bf16-cast model is off by ~1e-3 already at position 1 (the official loader casts
+# ``freqs_cis`` with the model, ``parcae_lm/__init__.py``) and is still caught.
 FREQS_CIS_TOLERANCE_PER_POSITION = 1e-6
 
 
 def official_freqs_cis(head_dim: int, block_size: int, theta: float) -> torch.Tensor:
-    """``(1, block_size, 1, head_dim // 2, 2)`` float32 table of (cos, sin), exactly as reference §2.1 builds it."""
+    """``(1, block_size, 1, head_dim // 2, 2)`` float32 table of (cos, sin), as official ``precompute_freqs_cis``
+    (``parcae_lm/modules/utils.py``) builds it."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim))
     positions = torch.arange(block_size, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)

@@ -74,7 +74,8 @@ def official_to_hf(state: dict[str, torch.Tensor], config: ParcaeConfig,
 
 def hf_to_official(state: dict[str, torch.Tensor], config: ParcaeConfig,
                    expected: dict[str, tuple[int, ...]]) -> OrderedDict[str, torch.Tensor]:
-    """The official state dict (reference §4 order, ``freqs_cis`` first, tied head sharing the embedding's storage)."""
+    """The official state dict (key order of the official ``Parcae`` module in
+    ``parcae_lm/models/parcae/parcae.py``, ``freqs_cis`` first, tied head sharing the embedding's storage)."""
     state = dict(state)
     if config.tie_word_embeddings and TIED_HF_KEY not in state and EMBEDDING_HF_KEY in state:
         state[TIED_HF_KEY] = state[EMBEDDING_HF_KEY]  # safetensors stores the tied tensor once

@@ -1,8 +1,9 @@
 """Official tokenizer -> ``PreTrainedTokenizerFast`` with the special tokens declared.
 
 The official ``tokenizer.json`` has no post-processor and the official wrapper only knows bos/eos/pad ids when a
-``tokenizer_config.json`` declares them (reference §5.3). We declare them, keep ``add_bos_token=False`` so plain
-encoding equals the official ``encode()``, and leave prepending BOS to the caller (the CORE evaluation does it).
+``tokenizer_config.json`` declares them (official ``parcae_lm/tokenizer.py``). We declare them, keep
+``add_bos_token=False`` so plain encoding equals the official ``encode()``, and leave prepending BOS to the caller (the
+CORE evaluation does it).
 """
 
 from __future__ import annotations

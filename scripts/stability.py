@@ -1,9 +1,10 @@
 """Stability at small scale: the same looped model trained with three injections, at two learning rates.
 
-The paper's central claim (reference §2.6) is that the constrained diagonal injection (decay = exp(-dt*A) in (0, 1))
-keeps the looped state bounded, where the unconstrained linear injection of prior looped models and plain addition
-can blow up, especially at high learning rates. This script trains the ``stability-shakespeare`` recipe six times
-with ``parcae train`` (diagonal / linear / add x the recipe's learning rate and 4x it) and records:
+The paper's central claim (arXiv 2604.12946; official ``parcae_lm/modules/injection.py``) is that the constrained
+diagonal injection (decay = exp(-dt*A) in (0, 1)) keeps the looped state bounded, where the unconstrained linear
+injection of prior looped models and plain addition can blow up, especially at high learning rates. This script trains
+the ``stability-shakespeare`` recipe six times with ``parcae train`` (diagonal / linear / add x the recipe's learning
+rate and 4x it) and records:
 
 * the training loss curve and its spikes (a step whose loss exceeds 1.25x the median of the previous 10 steps),
   plus steps skipped for non-finite gradients;

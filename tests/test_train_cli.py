@@ -63,7 +63,7 @@ def test_bundled_recipes_load_and_build_their_config(name):
         ParcaeConfig(**recipe.model.config)
     if name == "tiny-cpu":
         return
-    # official launch configs (reference §7.1)
+    # official launch configs (``launch_configs/*.yaml``)
     assert recipe.data.block_size == 2048 and recipe.training.global_batch_size == 256 and recipe.seed == 42
     assert recipe.training.betas == (0.8, 0.95) and recipe.training.eps == 1e-10
     assert recipe.training.muon_lr == 8e-3 and recipe.training.muon_weight_decay == 0.2
@@ -123,7 +123,7 @@ class _Block(nn.Module):
 
 
 class _StubParcae(nn.Module):
-    """Same parameter names as ParcaeForCausalLM (official routing, reference §7.3)."""
+    """Same parameter names as ParcaeForCausalLM (official routing, ``recpre/optim/__init__.py``)."""
 
     def __init__(self):
         super().__init__()

@@ -1,9 +1,9 @@
 """Documents -> tokens -> packed ``block_size + 1`` rows, in a deterministic order that can resume mid-epoch.
 
 Separator choice: every document is followed by the tokenizer's EOS token before packing, so the model sees where
-one document ends and the next begins. The official pipeline packs documents with **no** separator (reference
-§7.2) and best-fit (cropping) instead of plain concatenation; both differences are deliberate: concatenation wastes
-no tokens and makes the row order a pure function of the document order, which is what exact resumption needs.
+one document ends and the next begins. The official pipeline (``recpre/data_loading_utils.py``) packs documents with
+**no** separator and best-fit (cropping) instead of plain concatenation; both differences are deliberate: concatenation
+wastes no tokens and makes the row order a pure function of the document order, which is what exact resumption needs.
 
 Row order: local data is tokenized and packed once (cached by ``datasets``), then the rows are shuffled with
 ``seed + epoch`` each epoch. Hub streaming shuffles documents with a buffer (``seed``, ``set_epoch``) before packing.

@@ -1,4 +1,4 @@
-"""The official optimiser recipe (reference §7.3) built from stock parts: ``torch.optim.Muon`` + ``torch.optim.AdamW``.
+"""The official optimiser recipe (``recpre/optim/muon_adamw.py``) from stock parts: ``torch.optim.Muon`` + ``AdamW``.
 
 Routing follows the official ``MuonAdamW``: AdamW for embeddings (token and value embeddings), norms, the head,
 biases, every tensor with fewer than two dimensions and the injection/readout parameters; Muon for every other 2-D

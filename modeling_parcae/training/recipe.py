@@ -45,7 +45,7 @@ class DataRecipe:
 
 @dataclasses.dataclass
 class TrainingRecipe:
-    """Optimisation: the official MuonAdamW recipe (reference §7.3) expressed with torch/transformers parts."""
+    """Optimisation: the official MuonAdamW recipe (``recpre/optim/muon_adamw.py``) with torch/transformers parts."""
 
     global_batch_size: int = 256
     micro_batch_size: int = 32

@@ -1,4 +1,4 @@
-"""Train a byte-level BPE tokenizer in the official Parcae format (reference §5.3) with ``tokenizers``.
+"""Train a byte-level BPE tokenizer in the official Parcae format (``scripts/tok_train.py``) with ``tokenizers``.
 
 Format: no normalizer; pre-tokenizer = regex Split (GPT-4 style with digits grouped by one or two) then
 ByteLevel(add_prefix_space=False, use_regex=False); BPE with ``byte_fallback``; ByteLevel decoder; no
