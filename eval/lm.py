@@ -5,33 +5,26 @@ as one full BOS-prefixed prompt; the scored span is where options differ (multip
 prefix; schema: the common token suffix; language modelling: after the prompt without continuation); prompts longer
 than the model's context are cropped from the left. The returned log-likelihood is minus the mean loss over that span
 and ``is_greedy`` is the greedy exact match, so lm-eval's argmax reproduces the official choice. Other (stock) tasks
-get ordinary summed log-likelihoods. Sequences from all documents are sorted by length and run in batches.
+get ordinary summed log-likelihoods. Rows from all documents are batched (``row_scoring``: a document's shared
+prefix runs once through the KV cache). For a depth sweep (``sweep_depths``) every depth is scored in the first call
+from one pass per batch and remembered, so later calls at the other depths cost no forward.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
 
-from modeling_parcae.eval.modelio import forward_logits, load_model_and_tokenizer
+from modeling_parcae.eval.modelio import is_looped, load_model_and_tokenizer
 from modeling_parcae.eval.modelio import max_length as model_max_length
 from modeling_parcae.eval.procedure import encode_with_bos
+from modeling_parcae.eval.row_scoring import Row, RowScore, score_documents
 from modeling_parcae.eval.specs import LM as LM_TYPE
 from modeling_parcae.eval.specs import MC, SCHEMA
-from modeling_parcae.scoring import pad_id_of, pad_right
-
-
-@dataclass
-class _Row:
-    tokens: list[int]
-    start: int
-    end: int
+from modeling_parcae.scoring import pad_id_of
 
 
 def core_prompt_strings(task_type: str, requests: list[tuple[str, str]]) -> list[str]:
@@ -53,17 +46,21 @@ def _common(rows: list[list[int]], reverse: bool) -> int:
     return n
 
 
-def _core_rows(task_type: str, rows: list[list[int]]) -> list[_Row]:
+def _core_rows(task_type: str, rows: list[list[int]]) -> list[Row]:
     if task_type == MC:
         prefix = _common(rows, reverse=False)
-        return [_Row(r, prefix, len(r)) for r in rows]
+        return [Row(r, prefix, len(r)) for r in rows]
     if task_type == SCHEMA:
         suffix = _common(rows, reverse=True)
-        return [_Row(r, len(r) - suffix, len(r)) for r in rows]
+        return [Row(r, len(r) - suffix, len(r)) for r in rows]
     without, with_ = rows
     if with_[: len(without)] != without or len(without) >= len(with_):
         raise ValueError("language-modelling prompt without continuation is not a token prefix of the full prompt")
-    return [_Row(with_, len(without), len(with_))]
+    return [Row(with_, len(without), len(with_))]
+
+
+def _row_key(row: Row) -> tuple:
+    return tuple(row.tokens), row.start, row.end
 
 
 @register_model("parcae")
@@ -85,14 +82,16 @@ class ParcaeLM(LM):
         self.num_loops = int(num_loops) if num_loops not in (None, "", "None") else None
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length) if max_length else model_max_length(self.model)
-        self._device = next(self.model.parameters()).device
+        # depth sweep: every depth of ``sweep_depths`` is scored from one pass and remembered per row
+        self.sweep_depths: list[int] | None = None
+        self._remembered: dict[tuple, dict[int | None, RowScore]] = {}
 
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "parcae").replace("/", "__")
 
     # -- request planning -------------------------------------------------------------------------------------------
-    def _plan(self, requests) -> list[tuple[str | None, list[int], list[_Row]]]:
+    def _plan(self, requests) -> list[tuple[str | None, list[int], list[Row]]]:
         """Per document: (CORE type or None, request indices, rows to score)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -108,39 +107,40 @@ class ParcaeLM(LM):
             else:
                 (context, continuation), = args
                 ctx, whole = encode_with_bos(self.tokenizer, [context, context + continuation])
-                rows = [_Row(whole, len(ctx), len(whole))]
+                rows = [Row(whole, len(ctx), len(whole))]
             plan.append((task_type, idxs, rows))
         return plan
 
-    def _score_rows(self, rows: list[_Row], desc: str, disable_tqdm: bool) -> list[tuple[float, int, bool]]:
-        """(summed loss, scored tokens, greedy match) per row, after the official left-crop (a span cropped down to the
-        first token, which the official code cannot score, starts at position 1); longest rows first."""
+    def _score(self, documents: list[list[Row]], desc: str, disable_tqdm: bool) -> list[list[RowScore]]:
+        """(summed loss, scored tokens, greedy match) per row at ``num_loops``, after the official left-crop (a span
+        cropped down to the first token, which the official code cannot score, starts at position 1)."""
         cropped = []
-        for row in rows:
-            n = max(0, len(row.tokens) - self.max_length)
-            cropped.append(_Row(row.tokens[n:], max(row.start - n, 1), row.end - n))
-        order = sorted(range(len(cropped)), key=lambda i: -len(cropped[i].tokens))
-        out: list[tuple[float, int, bool]] = [None] * len(cropped)  # type: ignore[list-item]
-        pad = pad_id_of(self.tokenizer)
-        for b in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=disable_tqdm):
-            batch = [cropped[i] for i in order[b: b + self.batch_size]]
-            ids, mask = pad_right([r.tokens for r in batch], pad, self._device)
-            logits = forward_logits(self.model, ids, mask, self.num_loops)
-            for j, row in enumerate(batch):
-                pred = logits[j, row.start - 1: row.end - 1]
-                target = ids[j, row.start: row.end]
-                loss = F.cross_entropy(pred, target, reduction="sum").item()
-                out[order[b + j]] = (loss, row.end - row.start, bool(torch.equal(pred.argmax(-1), target)))
+        for rows in documents:
+            cropped.append([])
+            for row in rows:
+                n = max(0, len(row.tokens) - self.max_length)
+                cropped[-1].append(Row(row.tokens[n:], max(row.start - n, 1), row.end - n))
+        depth = self.num_loops
+        sweep = self.sweep_depths if self.sweep_depths and depth in self.sweep_depths and is_looped(self.model) else None
+        todo = [rows for rows in cropped if any(depth not in self._remembered.get(_row_key(r), {}) for r in rows)]
+        if todo:
+            depths = list(sweep) if sweep else [depth]
+            scored = score_documents(self.model, todo, pad_id_of(self.tokenizer), depths, self.batch_size,
+                                     self.max_length, desc=desc, disable_tqdm=disable_tqdm)
+            for rows, scores in zip(todo, scored):
+                for row, by_depth in zip(rows, scores):
+                    self._remembered.setdefault(_row_key(row), {}).update(by_depth)
+        out = [[self._remembered[_row_key(r)][depth] for r in rows] for rows in cropped]
+        if not sweep:
+            self._remembered.clear()  # one depth at a time: nothing will be asked again
         return out
 
     # -- lm-eval API -------------------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         plan = self._plan(requests)
-        flat = [row for _, _, rows in plan for row in rows]
-        scored = iter(self._score_rows(flat, "parcae loglikelihood", disable_tqdm))
+        scored = self._score([rows for _, _, rows in plan], "parcae loglikelihood", disable_tqdm)
         results: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
-        for task_type, idxs, rows in plan:
-            row_scores = [next(scored) for _ in rows]
+        for (task_type, idxs, _), row_scores in zip(plan, scored):
             for i, (loss, n, greedy) in zip(idxs, row_scores):
                 results[i] = (-loss / n if task_type else -loss, greedy)
         return results
@@ -153,10 +153,11 @@ class ParcaeLM(LM):
             tokens = encode_with_bos(self.tokenizer, [req.args[0]])[0]
             for s in range(0, len(tokens) - 1, step):
                 window = tokens[s: s + self.max_length]
-                rows.append(_Row(window, 1, len(window)))
+                rows.append(Row(window, 1, len(window)))
                 owners.append(i)
         totals = [0.0] * len(requests)
-        for owner, (loss, _, _) in zip(owners, self._score_rows(rows, "parcae rolling", disable_tqdm)):
+        scored = self._score([[row] for row in rows], "parcae rolling", disable_tqdm)
+        for owner, ((loss, _, _),) in zip(owners, scored):
             totals[owner] -= loss
         return totals
 

@@ -1,0 +1,159 @@
+"""Scoring many token rows (a scored span each) with as little compute as possible, at one or several loop depths.
+
+Rows are grouped per document: the options of one multiple-choice item share a long common token prefix (the
+few-shot context). That prefix runs once, with a KV cache, and each option then runs only its own tokens against
+the cached prefix (``Cache.batch_select_indices`` copies the document's cache to each option row). Rows without a
+shared prefix (single-row documents, prompts cropped differently) run whole, right-padded and without an attention
+mask: with right padding a causal model's real positions never see the padding, so the mask is not needed and
+attention can take the fused causal kernel.
+
+Several depths come from one pass (``output_depths``, see ``ParcaeModel.forward``) when the model supports them.
+Results are ``(summed loss over the span, scored tokens, greedy match)`` per row and depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from modeling_parcae.eval.modelio import is_looped
+from modeling_parcae.scoring import pad_right
+
+RowScore = tuple[float, int, bool]
+
+
+@dataclass(frozen=True)
+class Row:
+    """Tokens (already cropped to the model's context) and the scored span ``[start, end)``, ``start >= 1``."""
+
+    tokens: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class _Document:
+    rows: list[Row]
+    index: int  # position in the caller's list
+    prefix: int  # tokens shared by every row and run once (0: the rows run whole)
+
+    @property
+    def suffix_width(self) -> int:
+        return max(len(r.tokens) for r in self.rows) - self.prefix
+
+
+def shared_prefix_length(rows: list[Row]) -> int:
+    """Tokens every row starts with, stopping before the first prediction a row needs (position ``start - 1``)."""
+    if len(rows) < 2:
+        return 0
+    limit = min(r.start for r in rows) - 1
+    n = 0
+    first = rows[0].tokens
+    while n < limit and all(r.tokens[n] == first[n] for r in rows[1:]):
+        n += 1
+    return n
+
+
+def score_documents(model, documents: list[list[Row]], pad_id: int, depths: list[int | None], batch_size: int,
+                    max_length: int, desc: str = "scoring", disable_tqdm: bool = True
+                    ) -> list[list[dict[int | None, RowScore]]]:
+    """Per document, per row: ``{depth: (summed loss, scored tokens, greedy match)}``.
+
+    ``depths``: loop counts (``[None]`` = the model's default; several need a looped model with ``output_depths``).
+    ``batch_size`` bounds the rows of one forward; ``max_length`` is the model's context (cached prefix + own tokens
+    of a batch must fit in it).
+    """
+    docs = [_Document(rows, i, shared_prefix_length(rows)) for i, rows in enumerate(documents)]
+    results: list[list[dict]] = [[{} for _ in rows] for rows in documents]
+    shared = sorted((d for d in docs if d.prefix > 0), key=lambda d: (-d.prefix, -d.suffix_width))
+    whole = sorted((d for d in docs if d.prefix == 0), key=lambda d: -max(len(r.tokens) for r in d.rows))
+    batches = _batches(shared, batch_size, max_length) + _batches(whole, batch_size, max_length)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, disable=disable_tqdm):
+            rows = [(d, k, row) for d in batch for k, row in enumerate(d.rows)]
+            logits_by_depth = _forward_batch(model, batch, pad_id, depths, device)
+            for depth, logits in zip(depths, logits_by_depth):
+                for (d, k, _), score in zip(rows, _span_scores(logits, rows)):
+                    results[d.index][k][depth] = score
+    return results
+
+
+def _batches(docs: list[_Document], batch_size: int, max_length: int) -> list[list[_Document]]:
+    """Consecutive documents whose rows fit in ``batch_size`` and whose longest prefix plus longest own part fits in
+    the context (the cached prefix is right-padded to the longest one). A document never splits."""
+    batches: list[list[_Document]] = []
+    current: list[_Document] = []
+    for doc in docs:
+        candidate = [*current, doc]
+        n_rows = sum(len(d.rows) for d in candidate)
+        width = max(d.prefix for d in candidate) + max(d.suffix_width for d in candidate)
+        if current and (n_rows > batch_size or width > max_length):
+            batches.append(current)
+            candidate = [doc]
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _model_kwargs(model, depths: list[int | None]) -> dict:
+    if not is_looped(model) or depths == [None]:
+        return {}
+    if len(depths) == 1:
+        return {"num_loops": depths[0]}
+    return {"output_depths": tuple(depths)}
+
+
+def _logits_per_depth(output, depths: list[int | None]) -> list[torch.Tensor]:
+    if len(depths) > 1 and getattr(output, "depth_logits", None) is not None:
+        return [logits.float() for logits in output.depth_logits]
+    return [output.logits.float()] * len(depths)
+
+
+def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int | None], device) -> list[torch.Tensor]:
+    """Logits per depth for every row of ``batch`` (in document order), aligned so that position ``p`` of a row's
+    logits predicts its token ``p + 1`` — with a shared prefix, positions before the prefix end are not computed and
+    the logits tensor starts at the prefix end (see :func:`_span_scores`)."""
+    kwargs = _model_kwargs(model, depths)
+    rows = [row for d in batch for row in d.rows]
+    if batch[0].prefix == 0:
+        ids, _ = pad_right([r.tokens for r in rows], pad_id, device)
+        return _logits_per_depth(model(input_ids=ids, use_cache=False, **kwargs), depths)
+    prefix_ids, prefix_mask = pad_right([d.rows[0].tokens[: d.prefix] for d in batch], pad_id, device)
+    out = model(input_ids=prefix_ids, use_cache=True, **kwargs)
+    cache = out.past_key_values
+    owner = torch.tensor([i for i, d in enumerate(batch) for _ in d.rows], device=device)
+    cache.batch_select_indices(owner)
+    own_ids, own_mask = pad_right([r.tokens[d.prefix:] for d in batch for r in d.rows], pad_id, device)
+    prefix_lengths = torch.tensor([d.prefix for d in batch for _ in d.rows], device=device)
+    # padded own positions repeat the row's last real position: masked out, and never beyond the context
+    own_lengths = own_mask.sum(-1, keepdim=True)
+    steps = torch.minimum(torch.arange(own_ids.shape[1], device=device), own_lengths - 1)
+    out = model(input_ids=own_ids, attention_mask=torch.cat([prefix_mask[owner], own_mask], dim=-1),
+                position_ids=prefix_lengths[:, None] + steps, past_key_values=cache, use_cache=True, **kwargs)
+    return _logits_per_depth(out, depths)
+
+
+def _span_scores(logits: torch.Tensor, rows: list[tuple[_Document, int, Row]]) -> list[RowScore]:
+    """Summed next-token loss over each row's span and whether every span token is the argmax, in one gather."""
+    batch_index, positions, targets, segment = [], [], [], []
+    for i, (doc, _, row) in enumerate(rows):
+        span = range(row.start, row.end)
+        batch_index += [i] * len(span)
+        positions += [p - 1 - doc.prefix for p in span]
+        targets += row.tokens[row.start: row.end]
+        segment += [i] * len(span)
+    device = logits.device
+    picked = logits[torch.tensor(batch_index, device=device), torch.tensor(positions, device=device)]
+    target = torch.tensor(targets, device=device)
+    segment_t = torch.tensor(segment, device=device)
+    nats = F.cross_entropy(picked, target, reduction="none").double()
+    loss = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, segment_t, nats)
+    misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(
+        0, segment_t, (picked.argmax(-1) != target).long())
+    return [(total, row.end - row.start, miss == 0)
+            for total, miss, (_, _, row) in zip(loss.tolist(), misses.tolist(), rows)]
