@@ -66,6 +66,38 @@ def tiny_model(seed: int = 0, **overrides) -> ParcaeForCausalLM:
     return model.eval()
 
 
+def write_receval_layout(case: str, destination: Path) -> Path:
+    """The golden checkpoint as the official receval wrapper saves it (``save_pretrained`` in
+    ``receval/models/parcae.py``): ``config.json`` without ``_class_name`` and ``pytorch_model.bin`` holding the
+    compiled model's state dict (keys prefixed ``_orig_mod.``; the tied head keeps sharing the embedding's storage)."""
+    folder = golden_case_dir(case) / "official"
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("_class_name", None)
+    state = torch.load(folder / "model.pt", weights_only=True)
+    destination.mkdir(parents=True)
+    (destination / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save({f"_orig_mod.{key}": value for key, value in state.items()}, destination / "pytorch_model.bin")
+    return destination
+
+
+@pytest.fixture(scope="session")
+def official_layout(tmp_path_factory):
+    """``official_layout(case, layout)``: the folder of a golden case's official checkpoint in ``layout`` --
+    ``"official"`` (as ``parcae_lm.save_pretrained`` writes it, committed) or ``"official_receval"`` (derived from it
+    once per session by :func:`write_receval_layout`)."""
+    root = tmp_path_factory.mktemp("official_receval")
+
+    def folder(case: str, layout: str = "official") -> Path:
+        if layout == "official":
+            return golden_case_dir(case) / "official"
+        if layout != "official_receval":
+            raise ValueError(f"unknown official layout {layout!r}")
+        derived = root / case
+        return derived if derived.exists() else write_receval_layout(case, derived)
+
+    return folder
+
+
 @pytest.fixture(scope="session")
 def bundle() -> Path:
     """The shared CORE eval bundle (its data keep their own licenses and are never committed)."""

@@ -52,9 +52,9 @@ def leftovers(parent: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["official", "official_receval"])
 @pytest.mark.parametrize("case", PARCAE_CASES)
-def test_every_layout_converts_and_reproduces_official_logits(tmp_path, case, layout):
+def test_every_layout_converts_and_reproduces_official_logits(tmp_path, case, layout, official_layout):
     dst = tmp_path / "hf"
-    assert convert(golden_case_dir(case) / layout, dst, "--tokenizer", TOKENIZER) == 0
+    assert convert(official_layout(case, layout), dst, "--tokenizer", TOKENIZER) == 0
     assert_matches_official(dst, case)
 
 
@@ -78,8 +78,8 @@ def assert_bit_exact(original: dict, round_trip: dict) -> None:
 
 @pytest.mark.parametrize("layout", ["official", "official_receval"])
 @pytest.mark.parametrize("case", PARCAE_CASES)
-def test_round_trip_to_official_is_bit_exact(tmp_path, case, layout):
-    source = golden_case_dir(case) / layout
+def test_round_trip_to_official_is_bit_exact(tmp_path, case, layout, official_layout):
+    source = official_layout(case, layout)
     assert convert(source, tmp_path / "hf") == 0
     assert convert(tmp_path / "hf", tmp_path / "back", "--to", "official") == 0
     assert sorted(path.name for path in (tmp_path / "back").iterdir()) == ["config.json", "model.pt"]
@@ -165,8 +165,8 @@ def test_safetensors_weights_with_model_prefix(tmp_path):
     assert_matches_official(tmp_path / "hf", "linear_oddcore")
 
 
-def test_missing_class_name_is_decided_by_evidence_never_defaulted_to_gpt():
-    parcae_config = json.loads((GOLDEN / "released_style" / "official_receval" / "config.json").read_text())
+def test_missing_class_name_is_decided_by_evidence_never_defaulted_to_gpt(official_layout):
+    parcae_config = json.loads((official_layout("released_style", "official_receval") / "config.json").read_text())
     assert "_class_name" not in parcae_config
     assert detect_architecture(parcae_config, ["transformer.core_block.0.norm_1.weight"]) == "parcae"
     assert detect_architecture({"n_embd": 8, "n_layer": 2}, ["transformer.h.0.norm_1.weight"]) == "gpt"

@@ -94,14 +94,14 @@ print(json.dumps(out))
 """
 
 
-def test_official_hub_repos_load_in_one_line_offline(tmp_path):
+def test_official_hub_repos_load_in_one_line_offline(tmp_path, official_layout):
     hub = tmp_path / "hub"
     add_hub_repo(hub, "SandyResearch/parcae-140m", {  # parcae_lm.save_pretrained layout
         "config.json": GOLDEN / "released_style" / "official" / "config.json",
         "model.pt": GOLDEN / "released_style" / "official" / "model.pt"})
     add_hub_repo(hub, "SandyResearch/parcae-370m", {  # receval layout: no _class_name, _orig_mod. prefixes
-        "config.json": GOLDEN / "linear_oddcore" / "official_receval" / "config.json",
-        "pytorch_model.bin": GOLDEN / "linear_oddcore" / "official_receval" / "pytorch_model.bin"})
+        "config.json": official_layout("linear_oddcore", "official_receval") / "config.json",
+        "pytorch_model.bin": official_layout("linear_oddcore", "official_receval") / "pytorch_model.bin"})
     add_hub_repo(hub, "SandyResearch/parcae-tokenizer", {"tokenizer.json": GOLDEN / "tokenizer" / "tokenizer.json"})
 
     out = run_python(HUB_SCRIPT.replace("{GOLDEN}", str(GOLDEN)), tmp_path)
@@ -142,9 +142,9 @@ print(json.dumps({{"module": type(model).__module__}}))
 """
 
 
-def test_trust_remote_code_load_without_the_package_gives_identical_logits(tmp_path):
+def test_trust_remote_code_load_without_the_package_gives_identical_logits(tmp_path, official_layout):
     dst = tmp_path / "converted"
-    assert parcae_main(["convert", str(GOLDEN / "released_style" / "official_receval"), str(dst)]) == 0
+    assert parcae_main(["convert", str(official_layout("released_style", "official_receval")), str(dst)]) == 0
     input_ids = [[5, 17, 99, 3, 250, 42, 7, 0]]
     with torch.no_grad():
         local = ParcaeForCausalLM.from_pretrained(dst).eval()(torch.tensor(input_ids), num_loops=5).logits

@@ -34,15 +34,24 @@ GOLDEN_TOKENIZER = FIXTURES / "golden" / "tokenizer" / "tokenizer.json"
 BUNDLED = ["tiny-cpu", "parcae-140m", "parcae-370m", "parcae-770m", "parcae-1.3b",
            "gpt-140m", "gpt-370m", "gpt-770m", "gpt-1.3b"]
 # The reference run shared by several tests: 16 steps of 16 rows in micro-batches of 4 (one process: 4 accumulated
-# micro-batches; two processes: 2 each, with DDP's no_sync), checkpoints every 4, validation every 8, NaN at step 5.
+# micro-batches; two processes: 2 each, with DDP's no_sync), checkpoints every 4, validation every 8, and a NaN
+# gradient patched into step 5 by tests/nan_injection.py (the product has no such hook).
 RUN_OVERRIDES = ["training.max_steps=16", "training.global_batch_size=16", "checkpoint.every_steps=4",
-                 "eval.every_steps=8", "debug_inject_nan_at_step=5"]
+                 "eval.every_steps=8"]
+NAN_STEP = 5
+TRAIN_WITH_NAN = [str(Path(__file__).parent / "nan_injection.py"), str(NAN_STEP), "train"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def parcae(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "modeling_parcae.cli", *args], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=300)
+
+
+def train_with_nan(*args: str) -> subprocess.CompletedProcess:
+    """``parcae train ARGS`` with a NaN gradient at step ``NAN_STEP``."""
+    return subprocess.run([sys.executable, *TRAIN_WITH_NAN, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
 
 
 def metrics(output_dir: Path) -> dict[int, dict]:
@@ -339,7 +348,7 @@ def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("reference") / "run"
-    result = parcae("train", "tiny-cpu", f"output_dir={output}", *RUN_OVERRIDES)
+    result = train_with_nan("tiny-cpu", f"output_dir={output}", *RUN_OVERRIDES)
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result
 
@@ -389,8 +398,7 @@ def test_final_model_reloads_and_generates(reference_run):
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference_run, tmp_path):
     reference, _ = reference_run
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "modeling_parcae.cli", "train", "tiny-cpu", f"output_dir={output}",
-               *RUN_OVERRIDES]
+    command = [sys.executable, *TRAIN_WITH_NAN, "tiny-cpu", f"output_dir={output}", *RUN_OVERRIDES]
     process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -402,7 +410,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference_run, 
     killed_at = max(metrics(output))
     assert 6 <= killed_at < 16 and not (output / "final").exists()
 
-    resumed = parcae("train", "tiny-cpu", f"output_dir={output}", *RUN_OVERRIDES, "--resume")
+    resumed = train_with_nan("tiny-cpu", f"output_dir={output}", *RUN_OVERRIDES, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumed_at = int(re.search(r"resumed from \S+step-(\d+) at step (\d+)", resumed.stdout).group(2))
     assert 4 <= resumed_at <= killed_at and resumed_at % 4 == 0
@@ -425,7 +433,7 @@ def test_two_process_ddp_matches_one_process(reference_run, tmp_path):
     output = tmp_path / "ddp"
     result = subprocess.run(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-         str(ROOT / "configuration" / "accelerate" / "cpu-2proc.yaml"), "-m", "modeling_parcae.cli", "train",
+         str(ROOT / "configuration" / "accelerate" / "cpu-2proc.yaml"), *TRAIN_WITH_NAN,
          "tiny-cpu", f"output_dir={output}", *RUN_OVERRIDES],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )

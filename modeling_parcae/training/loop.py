@@ -168,8 +168,6 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         if muon is not None:
             set_muon_step_hyperparameters(muon, settings, state.step, total_steps)
         loss, depth = _accumulate_gradients(model, accelerator, local.split(settings.micro_batch_size))
-        if recipe.debug_inject_nan_at_step == state.step + 1:
-            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
         finite = bool(torch.isfinite(grad_norm))
         if finite:

@@ -82,7 +82,7 @@ class EvalRecipe:
 
 @dataclasses.dataclass
 class Recipe:
-    """A full training run. ``debug_inject_nan_at_step`` is a test hook: that optimizer step gets a NaN gradient."""
+    """A full training run: what to build, what to train it on, how, and where to write it."""
 
     run_name: str = "parcae"
     output_dir: str = "runs/parcae"
@@ -95,7 +95,6 @@ class Recipe:
     eval: EvalRecipe = dataclasses.field(default_factory=EvalRecipe)
     trackers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
     log_every_steps: int = 1
-    debug_inject_nan_at_step: int | None = None
 
 
 def bundled_recipe_path(name: str) -> Path:
