@@ -11,6 +11,7 @@ from modeling_parcae.conversion.convert import DEFAULT_MAX_SHARD_SIZE, convert_o
 from modeling_parcae.conversion.hub import default_tokenizer_source, download_official
 from modeling_parcae.conversion.official_format import is_official_config, read_config
 from modeling_parcae.conversion.push import push_converted
+from modeling_parcae.inputs import local_path_or_hub_id
 
 
 def register(subparsers) -> None:
@@ -19,26 +20,32 @@ def register(subparsers) -> None:
             "convert", help="convert an official parcae_lm checkpoint to transformers (or back with --to official)",
             description="SRC is a local directory or a Hub repo id. Nothing is written to DST unless the whole "
                         "conversion succeeds.")
-        convert.add_argument("src")
-        convert.add_argument("dst")
-        convert.add_argument("--to", choices=("transformers", "official"), default="transformers")
+        convert.add_argument("src", help="official checkpoint (directory or Hub repo id); with --to official, a "
+                                         "transformers directory")
+        convert.add_argument("dst", help="new directory to write (must not be SRC or lie inside it)")
+        convert.add_argument("--to", choices=("transformers", "official"), default="transformers",
+                             help="target format: transformers (safetensors + remote code + tokenizer) or official "
+                                  "(config.json + model.pt for parcae_lm)")
         convert.add_argument("--tokenizer", help="tokenizer directory or Hub repo id (default: the one in SRC, else "
                                                  "SandyResearch/parcae-tokenizer for Hub sources)")
         convert.add_argument("--revision", help="Hub revision of SRC")
-        convert.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
+        convert.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                             help="largest safetensors file; bigger checkpoints are split, e.g. 500MB, 5GB")
         convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
         convert.set_defaults(func=run_convert)
     if "push" not in subparsers.choices:
         push = subparsers.add_parser("push", help="upload a converted directory (or convert an official SRC first)")
         push.add_argument("src", help="output of `parcae convert`, or an official checkpoint directory / repo id")
-        push.add_argument("repo_id")
-        push.add_argument("--tokenizer")
-        push.add_argument("--private", action="store_true")
-        push.add_argument("--token")
+        push.add_argument("repo_id", help="Hub repository to create or update, e.g. my-org/parcae-140m")
+        push.add_argument("--tokenizer", help="tokenizer directory or Hub repo id, for an official SRC converted first "
+                                              "(default: as for parcae convert)")
+        push.add_argument("--private", action="store_true", help="create the repository as private")
+        push.add_argument("--token", help="Hub access token (default: the one saved by `hf auth login`)")
         push.set_defaults(func=run_push)
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    local_path_or_hub_id(args.src, "SRC")
     if args.to == "official":
         convert_transformers_to_official(_local_transformers_dir(args.src, args.revision), args.dst,
                                          overwrite=args.overwrite)
@@ -54,6 +61,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
+    local_path_or_hub_id(args.src, "SRC")
     source = Path(args.src)
     if source.is_dir() and not is_official_config(read_config(source)):
         info = push_converted(source, args.repo_id, private=args.private, token=args.token)

@@ -10,38 +10,66 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modeling_parcae.eval.modelio import forward_logits, max_length
+from modeling_parcae.eval.modelio import forward_depth_logits, max_length
+from modeling_parcae.eval.procedure import check_limit
 from modeling_parcae.scoring import loss_and_bpb, next_token_totals, pad_id_of, pad_right, token_byte_lengths
 
 
 def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
     """Documents of a ``.jsonl`` file (field ``text``) or of a plain text file (separated by blank lines)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    check_limit(limit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     if path.suffix == ".jsonl":
-        docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        docs = [_jsonl_text(path, number, line) for number, line in enumerate(text.splitlines(), start=1)
+                if line.strip()]
     else:
         docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
     if not docs:
         raise ValueError(f"{path} holds no documents")
-    return docs[:limit] if limit else docs
+    return docs if limit is None else docs[:limit]
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path}, line {number}: expected an object with a string field 'text'")
+    return record["text"]
 
 
 def bits_per_byte(model, tokenizer, documents: list[str], num_loops: int | None = None, batch_size: int = 8,
                   max_len: int | None = None, progress: bool = True) -> dict:
     """{"loss", "bpb", "tokens", "bytes", "documents"} at ``num_loops``."""
+    return bits_per_byte_at_depths(model, tokenizer, documents, [num_loops], batch_size, max_len, progress)[num_loops]
+
+
+def bits_per_byte_at_depths(model, tokenizer, documents: list[str], depths: list[int | None], batch_size: int = 8,
+                            max_len: int | None = None, progress: bool = True) -> dict:
+    """:func:`bits_per_byte` at every depth of ``depths`` (a looped model scores them all from one pass per batch)."""
     max_len = max_len or max_length(model)
     device = next(model.parameters()).device
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size).to(device)
     rows = [ids[: max_len + 1] for ids in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]]
     rows = [r for r in rows if len(r) >= 2]
-    totals = torch.zeros(3, dtype=torch.float64)  # nats, counted tokens, bytes
+    totals = torch.zeros(len(depths), 3, dtype=torch.float64)  # per depth: nats, counted tokens, bytes
     pad = pad_id_of(tokenizer)
-    for b in tqdm(range(0, len(rows), batch_size), desc=f"bpb T={num_loops}", disable=not progress):
+    desc = "bpb T=" + ",".join(str(d) for d in depths)
+    for b in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
         batch = rows[b: b + batch_size]
         ids, mask = pad_right([r[:-1] for r in batch], pad, device)
         targets, _ = pad_right([r[1:] for r in batch], pad, device)
-        logits = forward_logits(model, ids, mask, num_loops)
-        totals += next_token_totals(logits, targets, mask, byte_lengths).cpu()
-    loss, bpb = loss_and_bpb(totals)
-    return {"loss": loss, "bpb": bpb, "tokens": int(totals[1]), "bytes": int(totals[2]), "documents": len(rows)}
+        # right padding: real positions never attend to the padding, so no mask (and the fused causal kernel)
+        for k, logits in enumerate(forward_depth_logits(model, ids, None, depths)):
+            totals[k] += next_token_totals(logits, targets, mask, byte_lengths).cpu()
+    result = {}
+    for depth, depth_totals in zip(depths, totals):
+        loss, bpb = loss_and_bpb(depth_totals)
+        result[depth] = {"loss": loss, "bpb": bpb, "tokens": int(depth_totals[1]), "bytes": int(depth_totals[2]),
+                         "documents": len(rows)}
+    return result

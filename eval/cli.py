@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from modeling_parcae.inputs import check_device, local_path_or_hub_id, read_json_file
+
 from modeling_parcae.dtypes import DTYPES
 
 
@@ -22,6 +24,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (omit the option for no limit), got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     """Add the ``eval`` and ``compare`` subcommands."""
     p = subparsers.add_parser("eval", help="CORE / Core-Extended / bits-per-byte across loop depths (lm-eval)",
@@ -31,11 +43,13 @@ def register(subparsers) -> None:
                    "bpb (needs --text); default core")
     p.add_argument("--num-loops", type=_int_list, default=None, help="test-time depths, e.g. 1,2,4,8,16 "
                    "(default: the config's num_loops)")
-    p.add_argument("--seeds", type=_int_list, default=[1234, 2345, 3456], help="few-shot seeds (Parcae: 1234,2345,3456)")
-    p.add_argument("--limit", type=int, default=None, help="official max_per_task: shuffle, keep N items, draw "
-                   "few-shot examples from those N only")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seeds", type=_int_list, default=[1234, 2345, 3456], help="few-shot seeds; every task runs "
+                   "once per seed, by default three times (1234,2345,3456, as in the paper)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="keep N items per task (the official "
+                   "max_per_task: shuffle, keep N, draw few-shot examples from those N only) and the first N bpb "
+                   "documents (default: everything)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--bundle", default=None, help="eval bundle directory (default: $PARCAE_EVAL_BUNDLE, else "
                    "download once into $PARCAE_CACHE or ~/.cache/parcae)")
@@ -66,6 +80,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from modeling_parcae.eval.runner import evaluate
     from modeling_parcae.eval.specs import GROUPS, resolve_task_names
 
+    check_device(args.device)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     want_bpb = "bpb" in names
     labels = resolve_task_names([n for n in names if n != "bpb"])
@@ -73,7 +88,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--tasks bpb needs --text FILE")
     bundle = resolve_bundle(args.bundle) if labels else None
     documents = read_documents(args.text, args.limit) if want_bpb else None
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(local_path_or_hub_id(args.model, "--model"), device=args.device,
+                                                dtype=args.dtype)
     loops = args.num_loops or [getattr(model.config, "num_loops", None) or 1]
     samples: dict | None = {} if args.log_samples else None
     report = evaluate(model, tokenizer, model_name=args.model, labels=labels, bundle=bundle, seeds=args.seeds,
@@ -83,12 +99,12 @@ def run_eval(args: argparse.Namespace) -> int:
     report["dtype"] = args.dtype
     output = Path(args.output or Path("eval_results") / (Path(args.model.rstrip("/")).name + ".json"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)
-    output.with_suffix(".md").write_text(table)
-    plot(report, output.with_suffix(".png"))
     if samples is not None:
-        output.with_suffix(".samples.json").write_text(json.dumps(samples) + "\n")
+        write_atomically(output.with_suffix(".samples.json"), lambda path: path.write_text(json.dumps(samples) + "\n"))
+    write_atomically(output.with_suffix(".png"), lambda path: plot(report, path))
+    write_atomically(output.with_suffix(".md"), lambda path: path.write_text(table))
+    write_atomically(output, lambda path: path.write_text(json.dumps(report, indent=2) + "\n"))
     print(table)
     print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.png')}")
     return 0
@@ -105,6 +121,9 @@ def compare_reports(a: dict, b: dict) -> str:
         for label in [t for t in ra.get("tasks", {}) if t in rb.get("tasks", {})]:
             x, y = 100 * ra["tasks"][label]["acc"], 100 * rb["tasks"][label]["acc"]
             lines.append(f"{label:36s} {x:8.2f} {y:8.2f} {y - x:+8.2f}")
+        dropped = sorted(set(ra.get("tasks", {})) ^ set(rb.get("tasks", {})))
+        if dropped:  # the aggregates below then average different task sets
+            lines.append(f"dropped (in only one report): {', '.join(dropped)}")
         for metric in ("core", "core_extended"):
             if metric in ra and metric in rb:
                 lines.append(f"{metric.upper():36s} {ra[metric]:8.2f} {rb[metric]:8.2f} {rb[metric] - ra[metric]:+8.2f}")
@@ -117,8 +136,26 @@ def compare_reports(a: dict, b: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomically(path: Path, write) -> None:
+    """``write(temporary_path)`` next to ``path``, then rename: a crash or a full disk never leaves half a report."""
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_report(path: str) -> dict:
+    """An eval report, with errors naming the file when it is missing, truncated or not a report."""
+    report = read_json_file(path, "report")
+    if not isinstance(report, dict) or not isinstance(report.get("results"), dict) or "model" not in report:
+        raise ValueError(f"report {path} is not a `parcae eval` report (no 'model' and 'results')")
+    return report
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    a = json.loads(Path(args.baseline).read_text())
-    b = json.loads(Path(args.candidate).read_text())
+    a = read_report(args.baseline)
+    b = read_report(args.candidate)
     print(compare_reports(a, b), end="")
     return 0

@@ -19,9 +19,16 @@ def load_items(bundle: str | Path, spec: TaskSpec, limit: int | None = None) -> 
     with open(path, encoding="utf-8") as f:
         items = [json.loads(line) for line in f if line.strip()]
     random.Random(SHUFFLE_SEED).shuffle(items)
-    if limit is not None and limit > 0:
-        items = items[:limit]
-    return items
+    return items if check_limit(limit) is None else items[:limit]
+
+
+def check_limit(limit: int | None) -> int | None:
+    """``--limit`` has one meaning everywhere: absent keeps everything, N >= 1 keeps the first N (task items after the
+    official shuffle, bpb documents in file order). 0 and negative values are refused rather than read as "no limit"
+    (the official ``max_per_task=-1``) or as "nothing"."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer, or absent for no limit; got {limit!r}")
+    return limit
 
 
 def bos_token_id(tokenizer) -> int:

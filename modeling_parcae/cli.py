@@ -5,6 +5,7 @@ parsed ``argparse.Namespace``. Modules are imported lazily so ``parcae --help`` 
 """
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -20,9 +21,23 @@ SUBCOMMAND_MODULES = {
 }
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already speaks of its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False)
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parcae", description="Parcae looped language models on transformers.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"parcae {_version()}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       parser_class=functools.partial(argparse.ArgumentParser,
+                                                                      formatter_class=HelpWithDefaults))
     modules = dict.fromkeys(
         SUBCOMMAND_MODULES[only] if only in SUBCOMMAND_MODULES else m for m in SUBCOMMAND_MODULES.values()
     )
@@ -37,9 +52,36 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(only=command).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"parcae {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        message = " ".join(str(error).split())  # one line, however the library formatted it
+        print(f"parcae {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (a value, a file, the disk), reported as one line with exit status 2.
+
+    transformers' config validation raises huggingface_hub's ``StrictDataclassError`` and a damaged weights file
+    ``SafetensorError``; neither is a ``ValueError``. Anything else is a bug and keeps its traceback.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+    from yaml import YAMLError
+
+    return ValueError, OSError, StrictDataclassError, SafetensorError, YAMLError
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("parcae-transformers")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        from modeling_parcae import __version__
+
+        return __version__
 
 
 if __name__ == "__main__":

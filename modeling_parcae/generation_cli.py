@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from modeling_parcae.configuration_parcae import validate_num_loops
+from modeling_parcae.inputs import check_device, local_path_or_hub_id
 from modeling_parcae.dtypes import DTYPES, torch_dtype
 
 
@@ -45,18 +46,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     loops = parser.add_mutually_exclusive_group()
     loops.add_argument("--num-loops", type=int, help="core iterations per token (default: the model's num_loops)")
     loops.add_argument("--compare-loops", help="comma-separated loop counts, e.g. 1,2,4,8: one continuation each")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate after the prompt")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set of tokens "
+                        "whose probability reaches P, in (0, 1] (default: off)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
+
+    from modeling_parcae.conversion.hub import load_tokenizer
 
     from modeling_parcae.configuration_parcae import ParcaeConfig
     from modeling_parcae.modeling_parcae import ParcaeForCausalLM
@@ -66,9 +70,12 @@ def run(args: argparse.Namespace) -> int:
         validate_num_loops(args.num_loops)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_prompt(args.prompt)
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    check_device(args.device)
     model_path = _resolve_model(args.model)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     config = ParcaeConfig.from_pretrained(model_path)
     prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     limit = config.max_position_embeddings
@@ -105,16 +112,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_prompt(prompt: str) -> None:
+    """A prompt is non-empty, valid text: bytes that are not UTF-8 reach Python as lone surrogates and are refused."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; give some text to continue, e.g. parcae generate \"ROMEO:\"")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the prompt is not valid UTF-8 text (character {error.start}); check the terminal's "
+                         "encoding") from None
+
+
+def check_sampling(temperature: float, top_p: float | None, top_k: int | None) -> None:
+    """Sampling settings transformers would reject mid-generation (or silently ignore), refused up front."""
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+
+
 def _resolve_model(model: str | None) -> str:
     if model is None:
         bundled = bundled_model_path()
         if bundled is None:
             raise FileNotFoundError("no --model given and this installation carries no bundled demo model")
         return str(bundled)
-    looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
-    if looks_local and not Path(model).expanduser().is_dir():
-        raise FileNotFoundError(f"model {model!r} not found: not a directory and not a Hub repo id (org/name)")
-    return str(Path(model).expanduser()) if looks_local else model
+    return local_path_or_hub_id(model, "--model")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:

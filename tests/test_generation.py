@@ -213,7 +213,7 @@ def test_cli_streams_and_compares_loop_depths(saved_model):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--model", "/nonexistent/model", "Hi"], "not found"),
+        (["--model", "/nonexistent/model", "Hi"], "path /nonexistent/model does not exist"),
         (["--num-loops", "0", "Hi"], "num_loops must be >= 1"),
         (["--compare-loops", "1,x", "Hi"], "positive integers"),
     ],

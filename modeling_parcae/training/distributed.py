@@ -57,7 +57,10 @@ class ShardedOptimizerState:
         return get_optimizer_state_dict(self.model, self.optimizers, options=_FULL_ON_CPU)
 
     def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizers, state, options=_FULL_ON_CPU)
+        # strict=False: parameters that never receive a gradient in some layouts (parameters_without_gradient in
+        # loop.py) have no optimizer state to restore
+        set_optimizer_state_dict(self.model, self.optimizers, state,
+                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
 
 
 _FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -140,6 +140,13 @@ def validate_recipe(recipe: Recipe) -> None:
     training = recipe.training
     if (training.max_steps is None) == (training.max_tokens is None):
         raise ValueError("recipe: give exactly one of training.max_steps and training.max_tokens")
+    positive = {"training.global_batch_size": training.global_batch_size,
+                "training.micro_batch_size": training.micro_batch_size, "training.max_steps": training.max_steps,
+                "training.max_tokens": training.max_tokens, "data.block_size": recipe.data.block_size,
+                "eval.batch_size": recipe.eval.batch_size}
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"recipe: {key} must be positive, got {value}")
     if training.global_batch_size % training.micro_batch_size:
         raise ValueError(
             f"recipe: training.global_batch_size ({training.global_batch_size}) must be a multiple of "
@@ -183,22 +190,37 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             except _UnknownKeys as error:
                 nested_unknown.extend(error.keys)
         else:
-            values[key] = _coerce(fields[key], value)
+            values[key] = _coerce(fields[key], value, prefix + key)
     unknown = sorted(unknown + nested_unknown)
     if unknown:
         raise _UnknownKeys(unknown)
     return cls(**values)
 
 
-def _coerce(field: dataclasses.Field, value: Any) -> Any:
-    """YAML reads ``1e-10`` (no dot) as a string and lists for tuples: give float and tuple fields their type."""
-    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(field.type).startswith("float"):
+_PYTHON_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "tuple": tuple, "dict": dict}
+
+
+def _coerce(field: dataclasses.Field, value: Any, dotted: str) -> Any:
+    """Check a value against its field's type, naming the dotted key (``training.max_steps=ten`` is an error here,
+    not a traceback later). YAML reads ``1e-10`` (no dot) as a string and lists for tuples: those get their type."""
+    kind = str(field.type).replace(" | None", "")
+    if value is None:
+        if "None" in str(field.type):
+            return None
+        raise ValueError(f"recipe: {dotted} must be set (got null)")
+    if kind == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
             return float(value)
-        except ValueError as error:
-            raise ValueError(f"recipe: {field.name} must be a number, got {value!r}") from error
-    if isinstance(value, list) and str(field.type).startswith("tuple"):
-        return tuple(value)
+        except ValueError:
+            raise ValueError(f"recipe: {dotted} must be a number, got {value!r}") from None
+    if kind.startswith("tuple") and isinstance(value, list):
+        value = tuple(value)
+    expected = _PYTHON_TYPES[kind.split("[")[0]]
+    wrong_bool = isinstance(value, bool) and expected is not bool
+    if wrong_bool or not isinstance(value, expected):
+        raise ValueError(f"recipe: {dotted} must be of type {field.type}, got {value!r}")
+    if kind == "list[int]" and not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        raise ValueError(f"recipe: {dotted} must be a list of integers, got {value!r}")
     return value
 
 
