@@ -1,14 +1,16 @@
-"""One-line loading of official ``parcae_lm`` checkpoints from the Hub (or a local directory).
+"""Loading official ``parcae_lm`` checkpoints (Hub id or directory) through this package, explicitly.
 
-``maybe_convert_official`` is the hook ``ParcaeForCausalLM.from_pretrained`` calls: it recognises the official
-format, converts it once into the Hub cache (``<HF_HUB_CACHE>/parcae-converted/<repo>--<commit>``) and returns that
-directory. ``install_auto_hooks`` extends the same to ``AutoModelForCausalLM`` and ``AutoTokenizer``, which would
-otherwise fail on the official ``config.json`` (it has no ``model_type``).
+Official checkpoints have no ``model_type`` in ``config.json`` and other weight names, so transformers' Auto classes
+cannot read them, and this package does not change that: ``import modeling_parcae`` leaves every transformers class
+as it is. The two explicit paths are :func:`from_pretrained_or_official` (the package binds it as
+``modeling_parcae.ParcaeForCausalLM.from_pretrained``) and ``parcae convert``. Either recognises the official format,
+converts it once into the Hub cache (``<HF_HUB_CACHE>/parcae-converted/<repo>--<commit>``) and loads the converted
+directory. :func:`load_tokenizer` is the tokenizer counterpart. None of this is in the remote-code files saved next
+to checkpoints, which hold the modeling code only.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling_parcae.conversion.convert import convert_official_to_transformers
 from modeling_parcae.conversion.official_format import WEIGHT_FILES, is_official_config
@@ -78,28 +80,25 @@ def maybe_load_official_tokenizer(pretrained_model_name_or_path: str | Path, **h
         return None
 
 
-def install_auto_hooks() -> None:
-    """Let ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` accept official checkpoints (idempotent)."""
-    if getattr(AutoModelForCausalLM.from_pretrained, "_parcae_hook", False):
-        return
-    model_loader = AutoModelForCausalLM.from_pretrained.__func__
-    tokenizer_loader = AutoTokenizer.from_pretrained.__func__
+def from_pretrained_or_official(cls: type[PreTrainedModel], pretrained_model_name_or_path, *model_args, **kwargs):
+    """``PreTrainedModel.from_pretrained`` that also accepts official checkpoints, converted once and cached.
 
-    @functools.wraps(model_loader)
-    def model_from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    Bound as ``modeling_parcae.ParcaeForCausalLM.from_pretrained`` by the package (not by the modeling file, which is
+    also the remote code and must not depend on the converter).
+    """
+    if pretrained_model_name_or_path is not None:
         converted = maybe_convert_official(pretrained_model_name_or_path, **kwargs)
-        return model_loader(cls, converted or pretrained_model_name_or_path, *args, **kwargs)
+        pretrained_model_name_or_path = converted or pretrained_model_name_or_path
+    return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
-    @functools.wraps(tokenizer_loader)
-    def tokenizer_from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        official = maybe_load_official_tokenizer(pretrained_model_name_or_path, **kwargs)
-        if official is not None:
-            return official
-        return tokenizer_loader(cls, pretrained_model_name_or_path, *args, **kwargs)
 
-    model_from_pretrained._parcae_hook = True
-    AutoModelForCausalLM.from_pretrained = classmethod(model_from_pretrained)
-    AutoTokenizer.from_pretrained = classmethod(tokenizer_from_pretrained)
+def load_tokenizer(pretrained_model_name_or_path: str | Path, **kwargs) -> PreTrainedTokenizerBase:
+    """The tokenizer of any model: official checkpoints and bare official tokenizers get the official tokenizer with
+    bos/eos/pad declared (:func:`maybe_load_official_tokenizer`), everything else ``AutoTokenizer.from_pretrained``."""
+    official = maybe_load_official_tokenizer(pretrained_model_name_or_path, **kwargs)
+    if official is not None:
+        return official
+    return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
 def _hub_kwargs(kwargs: dict) -> dict:

@@ -1,21 +1,29 @@
 """Parcae looped language models for Hugging Face transformers.
 
-Importing this package registers ``model_type="parcae"`` with ``AutoConfig`` and ``AutoModelForCausalLM``.
+Importing this package registers ``model_type="parcae"`` with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForCausalLM`` (transformers' own registry; no transformers function is replaced). The package's
+``ParcaeForCausalLM.from_pretrained`` additionally accepts official ``parcae_lm`` checkpoints (converted once, then
+cached); the remote-code copy of the class saved next to checkpoints does not.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from modeling_parcae.cache_parcae import ParcaeCache
 from modeling_parcae.configuration_parcae import ParcaeConfig
+from modeling_parcae.conversion.hub import from_pretrained_or_official, load_tokenizer
 from modeling_parcae.modeling_parcae import ParcaeForCausalLM, ParcaeModel, ParcaePreTrainedModel
 from modeling_parcae.presets import list_presets, load_preset
 
 
 AutoConfig.register("parcae", ParcaeConfig, exist_ok=True)
+AutoModel.register(ParcaeConfig, ParcaeModel, exist_ok=True)
 AutoModelForCausalLM.register(ParcaeConfig, ParcaeForCausalLM, exist_ok=True)
-# save_pretrained writes `auto_map` and copies the remote-code files next to the weights
+# save_pretrained writes `auto_map` and copies the remote-code files (modeling only) next to the weights
 ParcaeConfig.register_for_auto_class()
+ParcaeModel.register_for_auto_class("AutoModel")
 ParcaeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# Official checkpoints through the package's class only: the converter is not part of the remote code.
+ParcaeForCausalLM.from_pretrained = classmethod(from_pretrained_or_official)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,10 +34,5 @@ __all__ = [
     "ParcaePreTrainedModel",
     "list_presets",
     "load_preset",
+    "load_tokenizer",
 ]
-
-# Official-format checkpoints (no `model_type` in config.json) load through the Auto classes too: the hook converts
-# them on the fly and passes everything else through untouched.
-from modeling_parcae.conversion.hub import install_auto_hooks  # noqa: E402
-
-install_auto_hooks()

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+import modeling_parcae
 from modeling_parcae import ParcaeForCausalLM
 from modeling_parcae.training.data import load_documents
 from modeling_parcae.training.recipe import load_recipe
 
 
 RECIPE = "demo-shakespeare"
+PACKAGE_DIR = Path(modeling_parcae.__file__).resolve().parent
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -70,6 +72,10 @@ ids = tokenizer("ROMEO:", return_tensors="pt")
 print(tokenizer.decode(model.generate(**ids, num_loops=8, max_new_tokens=60)[0]))
 ```
 
+Without the package (the directory carries `auto_map` and the modeling code):
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` or
+`pipeline("text-generation", model=path, trust_remote_code=True)`.
+
 Training: first/last train loss {summary['first_train_loss']:.3f} / {summary['last_train_loss']:.3f}; held-out
 validation at the end ({losses}). `heldout.txt` holds the {summary['held_out_paragraphs']} held-out paragraphs
 (never trained on) for `parcae eval --model <this dir> --tasks bpb --text <this dir>/heldout.txt`.
@@ -92,13 +98,13 @@ def main() -> int:
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=args.destination.parent))
     try:
         model.to(torch.float16).save_pretrained(staging)
-        # The package itself provides the classes: drop the remote-code copies (they would be stale duplicates of
-        # the package's source inside the package) and the auto_map that points at them.
-        for remote_code in staging.glob("*.py"):
-            remote_code.unlink()
-        config = json.loads((staging / "config.json").read_text())
-        config.pop("auto_map", None)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # save_pretrained wrote auto_map and copied the remote code (modeling only), so the demo also loads with
+        # trust_remote_code=True without the package. Inside the package the copies become links to the package's
+        # own files (../modeling_parcae.py, ...), which can never go stale.
+        if args.destination.resolve().parent == PACKAGE_DIR:
+            for remote_code in staging.glob("*.py"):
+                remote_code.unlink()
+                remote_code.symlink_to(Path("..") / remote_code.name)
         tokenizer.save_pretrained(staging)
         (staging / "heldout.txt").write_text(held_out_text())
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -59,7 +59,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import modeling_parcae
 from modeling_parcae import ParcaeForCausalLM
 from modeling_parcae.cli import main as parcae_main
-from modeling_parcae.conversion.hub import install_auto_hooks
 
 notices = []
 handler = logging.Handler()
@@ -80,11 +79,15 @@ out["notices_first_load"] = list(notices)
 notices.clear()
 out["class_140m_again"] = max_diff(ParcaeForCausalLM.from_pretrained("SandyResearch/parcae-140m"), "released_style")
 out["notices_second_load"] = list(notices)
-install_auto_hooks()
-auto = AutoModelForCausalLM.from_pretrained("SandyResearch/parcae-370m")
-out["auto_370m_class"] = type(auto).__name__
-out["auto_370m"] = max_diff(auto, "linear_oddcore", loops=8)
-tokenizers = {repo: AutoTokenizer.from_pretrained(repo) for repo in
+try:  # transformers' own loader, untouched by the import: it cannot read the official config.json
+    AutoModelForCausalLM.from_pretrained("SandyResearch/parcae-370m")
+    out["auto_370m_error"] = None
+except (ValueError, OSError, KeyError) as error:
+    out["auto_370m_error"] = type(error).__name__
+model_370m = ParcaeForCausalLM.from_pretrained("SandyResearch/parcae-370m")
+out["class_370m_type"] = type(model_370m).__name__
+out["class_370m"] = max_diff(model_370m, "linear_oddcore", loops=8)
+tokenizers = {repo: modeling_parcae.load_tokenizer(repo) for repo in
               ("SandyResearch/parcae-tokenizer", "SandyResearch/parcae-140m")}
 out["tokenizers"] = {repo: [t.encode("Hello world!"), t.bos_token_id, t.eos_token_id, t.pad_token_id]
                      for repo, t in tokenizers.items()}
@@ -110,7 +113,8 @@ def test_official_hub_repos_load_in_one_line_offline(tmp_path, official_layout):
     assert len(out["notices_first_load"]) == 1 and "official parcae_lm checkpoint" in out["notices_first_load"][0]
     assert out["notices_second_load"] == []  # converted once, then served from the cache
     assert (hub / "parcae-converted" / f"SandyResearch--parcae-140m--{COMMIT}" / "model.safetensors").is_file()
-    assert out["auto_370m_class"] == "ParcaeForCausalLM" and out["auto_370m"] <= 1e-4
+    assert out["auto_370m_error"] is not None  # no hook: AutoModelForCausalLM behaves exactly as transformers does
+    assert out["class_370m_type"] == "ParcaeForCausalLM" and out["class_370m"] <= 1e-4
     expected_ids = json.loads((GOLDEN / "tokenizer" / "expected.json").read_text())["cases"][0]["ids"]
     for repo, (ids, bos, eos, pad) in out["tokenizers"].items():
         assert (ids, bos, eos, pad) == (expected_ids, 0, 1, 2), repo
@@ -118,13 +122,27 @@ def test_official_hub_repos_load_in_one_line_offline(tmp_path, official_layout):
     assert {"model.safetensors", "tokenizer.json", "README.md", "modeling_parcae.py"} <= set(out["cli_files"])
 
 
-def test_import_installs_auto_hooks():
-    """`import modeling_parcae` alone must make AutoModelForCausalLM accept official checkpoints."""
-    result = subprocess.run([sys.executable, "-c", "import modeling_parcae\nfrom transformers import "
-                             "AutoModelForCausalLM\nprint(getattr(AutoModelForCausalLM.from_pretrained, "
-                             "'_parcae_hook', False))"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.stdout.strip() == "True", "modeling_parcae/__init__.py should call conversion.hub.install_auto_hooks()"
+IMPORT_SCRIPT = """
+import json
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+before = {cls.__name__: cls.__dict__["from_pretrained"] for cls in (AutoModelForCausalLM, AutoTokenizer)}
+import modeling_parcae
+from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, ParcaeModel
+after = {cls.__name__: cls.__dict__["from_pretrained"] for cls in (AutoModelForCausalLM, AutoTokenizer)}
+print(json.dumps({
+    "untouched": [name for name in before if before[name] is after[name]],
+    "auto_config": AutoConfig.for_model("parcae").__class__.__name__,
+    "auto_model": type(AutoModel.from_config(ParcaeConfig(hidden_size=64, num_attention_heads=2,
+                                                          vocab_size=128))).__name__,
+}))
+"""
+
+
+def test_import_only_registers_the_classes(tmp_path):
+    """`import modeling_parcae` registers config and model classes and replaces no transformers function."""
+    out = run_python(IMPORT_SCRIPT, tmp_path)
+    assert out["untouched"] == ["AutoModelForCausalLM", "AutoTokenizer"]
+    assert out["auto_config"] == "ParcaeConfig" and out["auto_model"] == "ParcaeModel"
 
 
 REMOTE_CODE_SCRIPT = """

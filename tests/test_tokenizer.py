@@ -1,15 +1,14 @@
 """The official tokenizer as a PreTrainedTokenizerFast: same ids as the official wrapper, specials declared."""
 
-import inspect
 import json
 import shutil
 
 import pytest
 from conftest import GOLDEN
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from modeling_parcae.cli import main as parcae_main
-from modeling_parcae.conversion.hub import install_auto_hooks, maybe_load_official_tokenizer
+from modeling_parcae.conversion.hub import load_tokenizer, maybe_load_official_tokenizer
 from modeling_parcae.conversion.tokenizer import load_official_tokenizer
 
 
@@ -56,19 +55,11 @@ def test_converted_model_directory_carries_the_tokenizer_for_autotokenizer(tmp_p
     assert tokenizer.model_max_length == 64  # the official block_size of this model
 
 
-@pytest.fixture
-def auto_hooks(monkeypatch):
-    """install_auto_hooks(), undone after the test so other tests see the classes as they were."""
-    for auto_class in (AutoTokenizer, AutoModelForCausalLM):
-        monkeypatch.setattr(auto_class, "from_pretrained", inspect.getattr_static(auto_class, "from_pretrained"))
-    install_auto_hooks()
-
-
-def test_autotokenizer_on_bare_official_tokenizer_declares_specials(tmp_path, auto_hooks):
+def test_load_tokenizer_on_bare_official_tokenizer_declares_specials(tmp_path):
     bare = tmp_path / "parcae-tokenizer"
     bare.mkdir()
     shutil.copy(TOKENIZER / "tokenizer.json", bare)  # what tok_train.py writes: tokenizer.json only
-    tokenizer = AutoTokenizer.from_pretrained(bare)
+    tokenizer = load_tokenizer(bare)
     assert_official_encodings(tokenizer)
     assert_specials_declared(tokenizer)
 

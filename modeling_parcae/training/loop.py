@@ -22,9 +22,8 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
-from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset
+from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset, load_tokenizer
 
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
 from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint, save_final_model
@@ -114,7 +113,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         )
     resume_from = _resolve_resume(resume, checkpoints)
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
+    tokenizer = load_tokenizer(recipe.tokenizer)
     rows, validation_documents = build_training_data(recipe.data, tokenizer, recipe.seed, process.main_process_first)
     set_seed(recipe.seed)
     model = build_model(recipe.model, tokenizer)

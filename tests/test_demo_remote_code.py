@@ -1,0 +1,57 @@
+"""The bundled demo model loads through transformers alone: ``auto_map`` + remote code, no ``modeling_parcae``."""
+
+import json
+import site
+from pathlib import Path
+
+import torch
+from test_hub_loading import run_python
+from transformers import AutoTokenizer
+
+from modeling_parcae import ParcaeForCausalLM
+from modeling_parcae.generation_cli import bundled_model_path
+
+
+PROMPT = "ROMEO:"
+
+SCRIPT = """
+import importlib.util, json, sys
+sys.path.extend({site_packages})
+assert importlib.util.find_spec("modeling_parcae") is None, "the package must not be importable here"
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+path = {demo!r}
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+ids = tokenizer({prompt!r}, return_tensors="pt")
+tokens = model.generate(**ids, num_loops=4, max_new_tokens=12, do_sample=False)[0].tolist()
+generator = pipeline("text-generation", model=path, trust_remote_code=True, dtype=torch.float32)
+text = generator({prompt!r}, max_new_tokens=12, do_sample=False, num_loops=4)[0]["generated_text"]
+print(json.dumps({{"module": type(model).__module__, "pipeline_module": type(generator.model).__module__,
+                  "tokens": tokens, "text": text}}))
+"""
+
+
+def test_demo_loads_and_generates_with_trust_remote_code_without_the_package(tmp_path):
+    demo = bundled_model_path()
+    config = json.loads((demo / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_parcae.ParcaeForCausalLM"
+    model = ParcaeForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo)
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    expected = model.generate(**ids, num_loops=4, max_new_tokens=12, do_sample=False)[0]
+
+    # -I -S: no PYTHONPATH, no cwd, no .pth files (so the editable install is invisible); site-packages added by hand
+    site_packages = [path for path in site.getsitepackages() if Path(path).is_dir()]
+    out = run_python(SCRIPT.format(site_packages=site_packages, demo=str(demo), prompt=PROMPT), tmp_path, "-I", "-S")
+
+    assert out["module"].startswith("transformers_modules.") and out["pipeline_module"].startswith("transformers_modules.")
+    assert out["tokens"] == expected.tolist()
+    assert out["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_demo_remote_code_is_the_package_source():
+    """The demo's remote-code files are links to the package's own modules, so they cannot go stale."""
+    demo = bundled_model_path()
+    for name in ("configuration_parcae.py", "modeling_parcae.py", "cache_parcae.py"):
+        assert (demo / name).read_bytes() == (demo.parent / name).read_bytes(), name
