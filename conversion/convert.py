@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from modeling_parcae.configuration_parcae import ParcaeConfig
 from modeling_parcae.conversion.atomic import atomic_directory, check_not_overlapping
@@ -18,6 +18,7 @@ from modeling_parcae.conversion.official_config import official_config_from_parc
 from modeling_parcae.conversion.official_format import is_official_config, read_config, read_official_checkpoint
 from modeling_parcae.conversion.state_dict import expected_hf_shapes, hf_to_official, official_to_hf
 from modeling_parcae.conversion.tokenizer import load_official_tokenizer
+from modeling_parcae.inputs import read_json_file
 
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
@@ -79,14 +80,17 @@ def read_safetensors_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) transformers safetensors checkpoint."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json_file(index, "weights index")["weight_map"].values()))
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{directory} holds no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        with safe_open(directory / name, framework="pt") as handle:
-            for key in handle.keys():
-                state[key] = handle.get_tensor(key)
+        try:
+            with safe_open(directory / name, framework="pt") as handle:
+                for key in handle.keys():
+                    state[key] = handle.get_tensor(key)
+        except SafetensorError as error:
+            raise ValueError(f"{directory / name} is truncated or corrupt ({error})") from None
     return state

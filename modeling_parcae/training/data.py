@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 import torch
 
+from modeling_parcae.inputs import local_path_or_hub_id
 from modeling_parcae.training.recipe import DataRecipe
 
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -28,7 +29,7 @@ LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "j
 
 def load_documents(path: str, name: str | None, split: str, streaming: bool, sample_by: str):
     """A ``datasets`` dataset of documents: a local file/folder (text, jsonl, parquet) or a Hub dataset id."""
-    local = Path(path)
+    local = Path(local_path_or_hub_id(path, "data"))
     if local.exists():
         files = sorted(p for p in local.rglob("*") if p.suffix in LOCAL_BUILDERS) if local.is_dir() else [local]
         builders = {LOCAL_BUILDERS.get(p.suffix) for p in files}
@@ -36,6 +37,8 @@ def load_documents(path: str, name: str | None, split: str, streaming: bool, sam
             raise ValueError(
                 f"data: {path} must be one .txt/.jsonl/.json/.parquet file or a folder of files of one of these kinds"
             )
+        if all(p.stat().st_size == 0 for p in files):
+            raise ValueError(f"data: {path} is empty")
         builder = builders.pop()
         options = {"sample_by": sample_by} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
@@ -143,6 +146,10 @@ def build_training_data(recipe: DataRecipe, tokenizer, seed: int,
     else:
         with main_process_first():
             packed = documents.map(pack, batched=True, remove_columns=columns, desc="tokenizing and packing")
+        if len(packed) == 0:
+            raise ValueError(f"data: {recipe.path} holds too little text to fill one row of data.block_size + 1 = "
+                             f"{recipe.block_size + 1} tokens (after holding out {recipe.validation_documents} "
+                             "validation documents)")
 
         def epoch_rows(epoch: int):
             return packed.shuffle(seed=seed + epoch)
