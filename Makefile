@@ -11,18 +11,19 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory torch
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[all,test]"
 	touch $@
 
-# torch only where it is missing: the CUDA build where a GPU answers, else the CPU build (a local +cpu wheel where
-# pip's find-links has one, else PyTorch's CPU index) instead of PyPI's multi-GB CUDA default.
+# torch only where it is missing: a machine's own torch build is never replaced. pip takes it from the indexes and
+# find-links this machine is configured with, preferring the +cpu build where no GPU answers; TORCH_INDEX_URL adds an
+# index for this one install (e.g. PyTorch's CPU or CUDA wheel index, see README "Installing torch").
+TORCH_INDEX_URL ?=
+PIP_TORCH := $(BIN)/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url "$(TORCH_INDEX_URL)")
 torch:
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+		$(PIP_TORCH) "torch==$(TORCH_VERSION)"; \
 	else \
-		$(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
-		$(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
-			--extra-index-url https://pypi.org/simple; \
+		$(PIP_TORCH) "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || $(PIP_TORCH) "torch==$(TORCH_VERSION)"; \
 	fi
 
 demo: setup

@@ -9,6 +9,8 @@ import functools
 import importlib
 import sys
 
+from modeling_parcae.extras import MissingExtraError, require_extra
+
 
 SUBCOMMAND_MODULES = {
     "generate": "modeling_parcae.generation_cli",
@@ -19,6 +21,8 @@ SUBCOMMAND_MODULES = {
     "train": "modeling_parcae.training.cli",
     "train-tokenizer": "modeling_parcae.training.cli",
 }
+# Subcommands that need an extra of pyproject.toml (the core install loads, converts and generates only).
+SUBCOMMAND_EXTRAS = {"eval": "eval", "compare": "eval", "train": "train", "train-tokenizer": "train"}
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(only=command).parse_args(argv)
     try:
+        if args.command in SUBCOMMAND_EXTRAS:
+            require_extra(SUBCOMMAND_EXTRAS[args.command], f"parcae {args.command}")
         return int(args.func(args) or 0)
     except Exception as error:
         if not isinstance(error, _user_errors()):
@@ -70,7 +76,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from safetensors import SafetensorError
     from yaml import YAMLError
 
-    return ValueError, OSError, StrictDataclassError, SafetensorError, YAMLError
+    return ValueError, OSError, StrictDataclassError, SafetensorError, YAMLError, MissingExtraError
 
 
 def _version() -> str:

@@ -1,6 +1,9 @@
-"""A plain (non-editable) wheel gives a working package, CLI, presets and task files outside the checkout."""
+"""A plain (non-editable) wheel gives a working package, CLI, presets and task files outside the checkout, and its
+core install (no extras) loads the demo model and generates."""
 
+import importlib.metadata
 import os
+import re
 import site
 import subprocess
 import sys
@@ -8,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
+from packaging.requirements import Requirement
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +81,60 @@ def test_the_wheel_carries_the_demo_model_and_generates_offline(installed):
                              "ROMEO:"], env=env, cwd=installed["cwd"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("ROMEO:") and len(result.stdout.strip()) > len("ROMEO:")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the core install: `pip install .` without extras
+# ----------------------------------------------------------------------------------------------------------------
+def core_closure(requirements: list[str]) -> dict[str, importlib.metadata.Distribution]:
+    """The installed distributions that ``requirements`` pull in, transitively, with no extra selected."""
+    found, pending = {}, list(requirements)
+    while pending:
+        requirement = Requirement(pending.pop())
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if name not in found:
+            found[name] = importlib.metadata.distribution(requirement.name)
+            pending.extend(found[name].requires or [])
+    return found
+
+
+@pytest.fixture(scope="module")
+def core(installed, tmp_path_factory):
+    """An environment with the wheel and only what its core requirements (read from the wheel's metadata) pull in:
+    the closure's files are linked from this venv, so it runs offline in seconds."""
+    wheel_metadata = next(installed["target"].glob("parcae_transformers-*.dist-info"))
+    requirements = importlib.metadata.PathDistribution(wheel_metadata).requires
+    site_dir = tmp_path_factory.mktemp("core-site")
+    for distribution in core_closure(requirements).values():
+        for top in {file.parts[0] for file in distribution.files or []} - {"..", "__pycache__"}:
+            if not top.endswith(".pth") and not (site_dir / top).exists():
+                os.symlink(distribution.locate_file(top), site_dir / top)
+    env = {**os.environ, "PYTHONPATH": f"{installed['target']}{os.pathsep}{site_dir}", "PYTHONNOUSERSITE": "1",
+           "HF_HUB_OFFLINE": "1"}
+    return dict(installed, env=env)
+
+
+def test_core_install_leaves_out_training_and_evaluation_dependencies(core):
+    script = ("import importlib.util as u;"
+              "print(*[m for m in ('accelerate', 'datasets', 'lm_eval', 'scipy', 'matplotlib', 'tensorboard', 'peft')"
+              " if u.find_spec(m)])")
+    result = run(core, "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
+
+
+def test_core_install_loads_the_demo_and_generates(core):
+    result = run(core, "-m", "modeling_parcae.cli", "generate", "--max-new-tokens", "8", "--compare-loops", "1,4",
+                 "ROMEO:")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "num_loops=1" in result.stdout and "num_loops=4" in result.stdout
+
+
+@pytest.mark.parametrize(("command", "extra"), [(["train", "tiny-cpu"], "train"),
+                                                (["eval", "--model", "x", "--tasks", "copa"], "eval")])
+def test_core_install_names_the_missing_extra(core, command, extra):
+    result = run(core, "-m", "modeling_parcae.cli", *command)
+    assert result.returncode == 2
+    assert f"needs the [{extra}] extra" in result.stderr and f"parcae-transformers[{extra}]" in result.stderr
