@@ -3,7 +3,8 @@
 A looped core runs the same physical blocks ``num_loops`` times; each execution attends to its own keys/values from
 earlier tokens, so the cache needs ``prelude + num_loops * core + coda`` slots (transformers' default cache has one
 per configured layer and breaks — see docs/generation.md). Slots: prelude ``i`` -> ``i``; coda ``i`` -> ``P + i``;
-core block ``j`` of loop ``r`` -> ``P + C + r * R + j``. Prelude and coda slots do not depend on the loop count.
+core block ``j`` of loop ``r`` -> ``P + C + r * R + j`` (``ParcaeConfig.base_cache_slot`` gives loop 0's slot and
+``ParcaeDecoderLayer.cache_slot`` the rest). Prelude and coda slots do not depend on the loop count.
 
 This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
 """
@@ -12,15 +13,6 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .configuration_parcae import ParcaeConfig, validate_num_loops
-
-
-def cache_slot(config: ParcaeConfig, stage: str, index: int, loop: int = 0) -> int:
-    """Slot of block ``index`` of ``stage`` (``prelude`` | ``core`` | ``coda``), at loop ``loop`` for the core."""
-    if stage == "prelude":
-        return index
-    if stage == "coda":
-        return config.num_prelude_layers + index
-    return config.num_prelude_layers + config.num_coda_layers + loop * config.num_core_layers + index
 
 
 class ParcaeCache(Cache):
@@ -53,4 +45,4 @@ class ParcaeCache(Cache):
         return total
 
 
-__all__ = ["ParcaeCache", "cache_slot"]
+__all__ = ["ParcaeCache"]

@@ -7,16 +7,12 @@ This file is part of the remote code copied next to saved checkpoints: it import
 """
 
 import math
+from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
 
-INJECTION_TYPES = ("diagonal", "linear", "add")
-STATE_INITS = ("like-init", "zero", "normal", "embed", "unit")
-INFERENCE_STATE_INITS = ("zero", "config")
-SAMPLING_SCHEMES = ("poisson-truncated-full", "poisson-full", "fixed")
-ITERATION_METHODS = ("per-batch", "per-sequence", "per-token")
 
 
 def _alternate_ending_on_last(index: int, count: int) -> bool:
@@ -88,9 +84,9 @@ class ParcaeConfig(PreTrainedConfig):
     state_size: int | None = None
     core_intermediate_size: int | None = None
     core_num_attention_heads: int | None = None
-    injection_type: str = "diagonal"
-    state_init: str = "like-init"
-    inference_state_init: str = "zero"
+    injection_type: Literal["diagonal", "linear", "add"] = "diagonal"
+    state_init: Literal["like-init", "zero", "normal", "embed", "unit"] = "like-init"
+    inference_state_init: Literal["zero", "config"] = "zero"
     prelude_norm: bool = True
     qk_norm: bool = True
     value_embedding_gate_channels: int = 32
@@ -102,8 +98,8 @@ class ParcaeConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     mean_recurrence: int = 8
     mean_backprop_depth: int = 4
-    sampling_scheme: str = "poisson-truncated-full"
-    recurrent_iteration_method: str = "per-sequence"
+    sampling_scheme: Literal["poisson-truncated-full", "poisson-full", "fixed"] = "poisson-truncated-full"
+    recurrent_iteration_method: Literal["per-batch", "per-sequence", "per-token"] = "per-sequence"
     depth_sampling_seed: int = 514229
     num_loops: int | None = None
     train_num_loops: int | None = None
@@ -169,11 +165,6 @@ class ParcaeConfig(PreTrainedConfig):
             return
         _check_positive(self, "num_core_layers", "state_size", "core_intermediate_size", "core_num_attention_heads",
                         "mean_backprop_depth")
-        _check_choice(self, "injection_type", INJECTION_TYPES)
-        _check_choice(self, "state_init", STATE_INITS)
-        _check_choice(self, "inference_state_init", INFERENCE_STATE_INITS)
-        _check_choice(self, "sampling_scheme", SAMPLING_SCHEMES)
-        _check_choice(self, "recurrent_iteration_method", ITERATION_METHODS)
         if self.state_size % self.core_num_attention_heads:
             raise ValueError(
                 f"state_size ({self.state_size}) must be divisible by core_num_attention_heads "
@@ -223,7 +214,7 @@ class ParcaeConfig(PreTrainedConfig):
         return [index for index in range(total) if _alternate_ending_on_last(index, total)]
 
     def block_has_value_embedding_gate(self, stage: str, index: int) -> bool:
-        """The official gate rule, which differs from the table rule (reference §3.2).
+        """The official gate rule (``has_ve`` in the official ``model.py``), which differs from the table rule.
 
         Looped models test ``layer_id`` against ``n_layer = num_core_layers * mean_backprop_depth`` where layer ids
         are prelude ``i``, core ``P + j`` and coda ``P + R * mean_recurrence + i``; the baseline tests ``i`` against
@@ -237,6 +228,12 @@ class ParcaeConfig(PreTrainedConfig):
             "coda": self.num_prelude_layers + self.num_core_layers * self.mean_recurrence,
         }[stage]
         return _alternate_ending_on_last(offset + index, self.num_core_layers * self.mean_backprop_depth)
+
+    def base_cache_slot(self, stage: str, index: int) -> int:
+        """KV-cache slot of block ``index`` of ``stage`` in loop 0: prelude ``i``, coda ``P + i``, core ``P + C + j``."""
+        offset = {"prelude": 0, "coda": self.num_prelude_layers,
+                  "core": self.num_prelude_layers + self.num_coda_layers}[stage]
+        return offset + index
 
     def block_effective_index(self, stage: str, index: int) -> int:
         """Index of a block among prelude + core + coda, the key of its value-embedding table."""
@@ -258,12 +255,6 @@ def _check_positive(config, *names):
         value = getattr(config, name)
         if value is None or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_choice(config, name, choices):
-    value = getattr(config, name)
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
 
 
 __all__ = ["ParcaeConfig"]

@@ -24,10 +24,9 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward
 from transformers.utils import can_return_tuple, logging
 
-from .cache_parcae import ParcaeCache, cache_slot
+from .cache_parcae import ParcaeCache
 from .configuration_parcae import ParcaeConfig, validate_num_loops
 
 
@@ -67,10 +66,47 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return rotated.flatten(-2).to(x.dtype)
 
 
-def _tag_init(module: nn.Module, method: str) -> nn.Module:
-    """Record how ``_init_weights`` should initialise ``module`` (``zero``, ``normal``, ``torch-default``, ...)."""
-    module.init_method = method
-    return module
+class ParcaeRMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as the official ``RMSNorm`` does."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention (softmax in float32), the fallback of transformers' attention interface.
+
+    Each transformers model file carries its own eager path so that its numerics never depend on another model's.
+    """
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
 
 
 class ParcaeMLP(nn.Module):
@@ -79,7 +115,7 @@ class ParcaeMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
         super().__init__()
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = _tag_init(nn.Linear(intermediate_size, hidden_size, bias=bias), "zero")
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(0.5 * F.relu(self.up_proj(x)).square())
@@ -99,11 +135,11 @@ class ParcaeAttention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=config.bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
-        self.o_proj = _tag_init(nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias), "zero")
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias)
         gate_channels = config.value_embedding_gate_channels
         self.ve_gate = None
         if has_ve_gate:
-            self.ve_gate = _tag_init(nn.Linear(gate_channels, num_kv_heads, bias=False), "torch-default")
+            self.ve_gate = nn.Linear(gate_channels, num_kv_heads, bias=False)
 
     def forward(
         self,
@@ -147,22 +183,36 @@ class ParcaeAttention(nn.Module):
 
 
 class ParcaeDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block ``x + attn(norm(x))``, ``x + mlp(norm(x))``; used for prelude, core and coda alike."""
+    """Pre-norm block ``x + attn(norm(x))``, ``x + mlp(norm(x))``; used for prelude, core and coda alike.
 
-    def __init__(
-        self,
-        config: ParcaeConfig,
-        hidden_size: int,
-        intermediate_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        has_ve_gate: bool,
-    ):
+    A block learns where it sits when it is built (as transformers layers get their ``layer_idx``): its ``stage``
+    (``prelude`` | ``core`` | ``coda``), its ``index`` in that stage, the key of the value-embedding table it mixes in
+    (``value_embedding_key``, ``None`` without one) and its KV-cache slot (:meth:`cache_slot`).
+    """
+
+    def __init__(self, config: ParcaeConfig, stage: str, index: int):
         super().__init__()
-        self.input_layernorm = LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps)
+        self.stage = stage
+        self.index = index
+        self.num_core_layers = config.num_core_layers
+        self.base_cache_slot = config.base_cache_slot(stage, index)
+        has_ve_gate = config.block_has_value_embedding_gate(stage, index)
+        table = config.block_effective_index(stage, index)
+        self.value_embedding_key = str(table) if has_ve_gate and table in config.value_embedding_table_indices() else None
+
+        core = stage == "core"
+        hidden_size = config.state_size if core else config.hidden_size
+        num_heads = config.core_num_attention_heads if core else config.num_attention_heads
+        num_kv_heads = config.core_num_attention_heads if core else config.num_key_value_heads
+        intermediate_size = config.core_intermediate_size if core else config.intermediate_size
+        self.input_layernorm = ParcaeRMSNorm(hidden_size, eps=config.rms_norm_eps)
         self.self_attn = ParcaeAttention(config, hidden_size, num_heads, num_kv_heads, has_ve_gate)
-        self.post_attention_layernorm = LlamaRMSNorm(hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ParcaeRMSNorm(hidden_size, eps=config.rms_norm_eps)
         self.mlp = ParcaeMLP(hidden_size, intermediate_size, config.bias)
+
+    def cache_slot(self, loop: int = 0) -> int:
+        """KV-cache slot of this block's execution in loop ``loop`` (only core blocks run more than once)."""
+        return self.base_cache_slot + loop * self.num_core_layers if self.stage == "core" else self.base_cache_slot
 
     def forward(
         self,
@@ -199,13 +249,16 @@ class ParcaeDiagonalInjection(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(config.state_size))
         self.B = nn.Parameter(torch.empty(config.state_size, config.hidden_size))
 
+    def step_size(self) -> torch.Tensor:
+        """Per-channel ``dt = softplus(dt_bias) > 0``."""
+        return F.softplus(self.dt_bias)
+
     def decay(self) -> torch.Tensor:
         """Per-channel state decay ``exp(-dt * A)``, in (0, 1)."""
-        return torch.exp(-F.softplus(self.dt_bias) * torch.exp(self.A_log))
+        return torch.exp(-self.step_size() * torch.exp(self.A_log))
 
     def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        dt = F.softplus(self.dt_bias)
-        return state * torch.exp(-dt * torch.exp(self.A_log)) + dt * F.linear(embeds, self.B)
+        return state * self.decay() + self.step_size() * F.linear(embeds, self.B)
 
 
 class ParcaeLinearInjection(nn.Module):
@@ -213,9 +266,7 @@ class ParcaeLinearInjection(nn.Module):
 
     def __init__(self, config: ParcaeConfig):
         super().__init__()
-        self.proj = _tag_init(
-            nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias), "trunc-normal"
-        )
+        self.proj = nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias)
 
     def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         return self.proj(torch.cat([state, embeds], dim=-1))
@@ -287,7 +338,7 @@ def resolve_loop_count(num_loops: LoopCount, name: str = "num_loops") -> tuple[i
 
 
 def sample_loop_schedule(config: ParcaeConfig, batch_size: int, seq_len: int, step: int) -> LoopSchedule:
-    """Sample a training depth per ``config.sampling_scheme`` / ``recurrent_iteration_method`` (reference §2.7).
+    """Sample a training depth per ``config.sampling_scheme`` / ``recurrent_iteration_method`` (official ``parcae_lm`` ``model.py``, ``_sample_loop_depth``).
 
     Seeded from ``depth_sampling_seed + step`` on a private CPU generator, so a run is reproducible from its step.
     """
@@ -311,7 +362,7 @@ def sample_loop_schedule(config: ParcaeConfig, batch_size: int, seq_len: int, st
 def initialize_state(
     method: str, embeds: torch.Tensor, state_size: int, std: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Initial recurrent state with the official semantics of each ``state_init`` (reference §2.5)."""
+    """Initial recurrent state with the official semantics of each ``state_init`` (official ``model.py``, ``initialize_state``)."""
     shape = (*embeds.shape[:-1], state_size)
     if method == "zero":
         return embeds.new_zeros(shape)
@@ -340,18 +391,17 @@ class ParcaePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The official "scaled-zero" initialisation with orthogonal matrices (reference §3.7).
+        """The official "scaled-zero" initialisation with orthogonal matrices (paper §3; official ``init_weights``).
 
-        Linear and embedding weights default to orthogonal with std sqrt(2/(5d)); a module tagged with ``init_method``
-        (see :func:`_tag_init`) overrides that: output projections zero, value embeddings N(0, 1), value-embedding
-        gates PyTorch's Linear default, the linear injection a truncated normal. Norms start at one and the diagonal
-        injection at decay sqrt(1/5) with B = identity (orthogonal if not square). The tags live on the leaf modules
-        because transformers initialises custom models leaf by leaf.
+        Linear and embedding weights default to orthogonal with std sqrt(2/(5d)); :func:`_init_method_by_name` picks
+        the exceptions (output projections zero, value embeddings N(0, 1), value-embedding gates PyTorch's Linear
+        default, the linear injection a truncated normal). Norms start at one and the diagonal injection at decay
+        sqrt(1/5) with B = identity (orthogonal if not square).
         """
         std = self.config.initializer_range
-        method = getattr(module, "init_method", "orthogonal")
         if isinstance(module, (nn.Linear, nn.Embedding)):
             weight = module.weight
+            method = _init_method_by_name(self._module_name(module))
             if method == "zero":
                 init.zeros_(weight)
             elif method == "normal":
@@ -372,11 +422,32 @@ class ParcaePreTrainedModel(PreTrainedModel):
                 init.eye_(module.B)
             else:
                 init.orthogonal_(module.B)
-        elif isinstance(module, LlamaRMSNorm):
+        elif isinstance(module, ParcaeRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, ParcaeRotaryEmbedding):
             dim, theta = self.config.head_dim, self.config.rope_parameters["rope_theta"]
             init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
+
+    def _module_name(self, module: nn.Module) -> str:
+        """Qualified name of a submodule ("" if it is not one); a walk of a few hundred modules, once per leaf."""
+        return next((name for name, submodule in self.named_modules() if submodule is module), "")
+
+
+# Which official init a stock ``nn.Linear``/``nn.Embedding`` gets, decided by its name: transformers initialises
+# custom-code models leaf by leaf (a parent without parameters of its own is skipped), so the leaf's name is the one
+# place the rule can be read from. First match wins; anything else is orthogonal.
+_INIT_BY_NAME_SUFFIX = (
+    ("self_attn.o_proj", "zero"),
+    ("mlp.down_proj", "zero"),
+    ("self_attn.ve_gate", "torch-default"),
+    ("injection.proj", "trunc-normal"),
+)
+
+
+def _init_method_by_name(name: str) -> str:
+    if ".value_embeddings." in f".{name}":
+        return "normal"
+    return next((method for suffix, method in _INIT_BY_NAME_SUFFIX if name.endswith(suffix)), "orthogonal")
 
 
 class ParcaeModel(ParcaePreTrainedModel):
@@ -388,7 +459,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         self.prelude = self._build_stage("prelude", config.num_prelude_layers)
         self.looped = config.looped
         if config.looped:
-            self.prelude_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.prelude_norm else None
+            self.prelude_norm = ParcaeRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.prelude_norm else None
             self.injection = INJECTION_CLASSES[config.injection_type](config)
             self.core = self._build_stage("core", config.num_core_layers)
             self.state_readout = nn.Linear(config.state_size, config.hidden_size, bias=False)
@@ -396,11 +467,11 @@ class ParcaeModel(ParcaePreTrainedModel):
             self.prelude_norm = self.injection = self.state_readout = None
             self.core = nn.ModuleList()
         self.coda = self._build_stage("coda", config.num_coda_layers)
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = ParcaeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         kv_dim = config.num_key_value_heads * config.head_dim
         self.value_embeddings = nn.ModuleDict(
             {
-                str(index): _tag_init(nn.Embedding(config.vocab_size, kv_dim), "normal")
+                str(index): nn.Embedding(config.vocab_size, kv_dim)
                 for index in config.value_embedding_table_indices()
             }
         )
@@ -411,19 +482,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         self.post_init()
 
     def _build_stage(self, stage: str, count: int) -> nn.ModuleList:
-        config = self.config
-        core = stage == "core"
-        return nn.ModuleList(
-            ParcaeDecoderLayer(
-                config,
-                hidden_size=config.state_size if core else config.hidden_size,
-                intermediate_size=config.core_intermediate_size if core else config.intermediate_size,
-                num_heads=config.core_num_attention_heads if core else config.num_attention_heads,
-                num_kv_heads=config.core_num_attention_heads if core else config.num_key_value_heads,
-                has_ve_gate=config.block_has_value_embedding_gate(stage, index),
-            )
-            for index in range(count)
-        )
+        return nn.ModuleList(ParcaeDecoderLayer(self.config, stage, index) for index in range(count))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -498,13 +557,13 @@ class ParcaeModel(ParcaePreTrainedModel):
         value_embeddings = self._lookup_value_embeddings(input_ids)
         all_hidden_states = [inputs_embeds] if output_hidden_states else None
 
-        hidden_states = self._run_stage("prelude", inputs_embeds, value_embeddings, block_kwargs, all_hidden_states)
+        hidden_states = self._run_stage(self.prelude, inputs_embeds, value_embeddings, block_kwargs, all_hidden_states)
         if self.looped:
             embeds = self.prelude_norm(hidden_states) if self.prelude_norm is not None else hidden_states
             state = self._initial_state(embeds, initial_state, state_generator)
             state = self._iterate(state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states)
             hidden_states = self.state_readout(state)
-        hidden_states = self._run_stage("coda", hidden_states, value_embeddings, block_kwargs, all_hidden_states)
+        hidden_states = self._run_stage(self.coda, hidden_states, value_embeddings, block_kwargs, all_hidden_states)
         hidden_states = self.norm(hidden_states)
 
         return ParcaeModelOutputWithPast(
@@ -553,29 +612,24 @@ class ParcaeModel(ParcaePreTrainedModel):
             return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
         return torch.arange(past_length, past_length + seq_len, device=device).expand(batch_size, -1)
 
-    def _lookup_value_embeddings(self, input_ids: torch.LongTensor | None) -> dict[tuple[str, int], torch.Tensor]:
-        """Value embeddings of the blocks that own both a table and a gate (looked up once, reused by every loop)."""
+    def _lookup_value_embeddings(self, input_ids: torch.LongTensor | None) -> dict[str, torch.Tensor]:
+        """Value embeddings by table key, for the tables some block mixes in (looked up once, reused by every loop)."""
         if input_ids is None:
             return {}
-        config = self.config
-        result = {}
-        for stage, blocks in (("prelude", self.prelude), ("core", self.core), ("coda", self.coda)):
-            for index, block in enumerate(blocks):
-                key = str(config.block_effective_index(stage, index))
-                if block.self_attn.ve_gate is not None and key in self.value_embeddings:
-                    result[(stage, index)] = self.value_embeddings[key](input_ids)
-        return result
+        keys = {block.value_embedding_key for block in (*self.prelude, *self.core, *self.coda)}
+        return {key: self.value_embeddings[key](input_ids) for key in sorted(keys - {None})}
 
-    def _run_stage(self, stage, hidden_states, value_embeddings, block_kwargs, all_hidden_states, loop=0):
-        blocks = {"prelude": self.prelude, "core": self.core, "coda": self.coda}[stage]
-        for index, block in enumerate(blocks):
+    def _run_stage(self, blocks, hidden_states, value_embeddings, block_kwargs, all_hidden_states, loop=0):
+        """Run ``blocks`` in order, recording each output in ``all_hidden_states`` when given (``_iterate`` passes None:
+        it records the state after each loop instead)."""
+        for block in blocks:
             hidden_states = block(
                 hidden_states,
-                cache_slot=cache_slot(self.config, stage, index, loop),
-                value_embedding=value_embeddings.get((stage, index)),
+                cache_slot=block.cache_slot(loop),
+                value_embedding=value_embeddings.get(block.value_embedding_key),
                 **block_kwargs,
             )
-            if all_hidden_states is not None and stage != "core":
+            if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
         return hidden_states
 
@@ -597,7 +651,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         for loop, (with_grad, active) in enumerate(schedule.steps()):
             with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
                 new_state = self._run_stage(
-                    "core", self.injection(state, embeds), value_embeddings, block_kwargs, None, loop=loop
+                    self.core, self.injection(state, embeds), value_embeddings, block_kwargs, None, loop=loop
                 )
             if active is not None:
                 # frozen samples keep their state; per-sequence masks broadcast over (T, S), per-token over S
