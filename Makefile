@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 # torch only where it is missing: a machine's own torch build is never replaced. pip takes it from the indexes and
 # find-links this machine is configured with, preferring the +cpu build where no GPU answers; TORCH_INDEX_URL adds an
-# index for this one install (e.g. PyTorch's CPU or CUDA wheel index, see README "Installing torch").
+# index for this one install (e.g. PyTorch's CPU or CUDA wheel index; README, "Two commands").
 TORCH_INDEX_URL ?=
 PIP_TORCH := $(BIN)/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url "$(TORCH_INDEX_URL)")
 torch:
