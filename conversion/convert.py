@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from modeling_parcae.configuration_parcae import ParcaeConfig
-from modeling_parcae.conversion.atomic import atomic_directory, check_not_overlapping
+from modeling_parcae.atomic import atomic_directory, check_not_overlapping
 from modeling_parcae.conversion.model_card import render_model_card
 from modeling_parcae.conversion.official_config import official_config_from_parcae, parcae_config_from_official
 from modeling_parcae.conversion.official_format import is_official_config, read_config, read_official_checkpoint

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from modeling_parcae.inputs import check_device, local_path_or_hub_id, read_json_file
 
+from modeling_parcae.atomic import write_atomically
 from modeling_parcae.dtypes import DTYPES
 
 
@@ -134,16 +135,6 @@ def compare_reports(a: dict, b: dict) -> str:
     if only:
         lines.append(f"\nloop depths in only one report: {', '.join(only)}")
     return "\n".join(lines) + "\n"
-
-
-def write_atomically(path: Path, write) -> None:
-    """``write(temporary_path)`` next to ``path``, then rename: a crash or a full disk never leaves half a report."""
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_report(path: str) -> dict:

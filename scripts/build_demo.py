@@ -9,8 +9,6 @@ The destination is replaced atomically.
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from transformers import AutoTokenizer
 
 import modeling_parcae
 from modeling_parcae import ParcaeForCausalLM
+from modeling_parcae.atomic import atomic_directory
 from modeling_parcae.training.data import load_documents
 from modeling_parcae.training.recipe import load_recipe
 
@@ -94,9 +93,7 @@ def main() -> int:
     summary = training_summary(args.run_dir)
     parameters = sum(p.numel() for p in model.parameters())
 
-    args.destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=args.destination.parent))
-    try:
+    with atomic_directory(args.destination, overwrite=True) as staging:
         model.to(torch.float16).save_pretrained(staging)
         # save_pretrained wrote auto_map and copied the remote code (modeling only), so the demo also loads with
         # trust_remote_code=True without the package. Inside the package the copies become links to the package's
@@ -109,12 +106,6 @@ def main() -> int:
         (staging / "heldout.txt").write_text(held_out_text())
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         (staging / "README.md").write_text(model_card(summary, parameters))
-        if args.destination.exists():
-            shutil.rmtree(args.destination)
-        staging.rename(args.destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in args.destination.iterdir())
     print(f"demo model ({parameters:,} parameters, {size / 2**20:.2f} MiB) written to {args.destination}")
     return 0

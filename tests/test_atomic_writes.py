@@ -15,7 +15,7 @@ import torch
 
 from conftest import GOLDEN, tiny_model
 from modeling_parcae.cli import main as parcae_main
-from modeling_parcae.conversion.atomic import atomic_directory
+from modeling_parcae.atomic import atomic_directory
 from modeling_parcae.training.loop import truncate_metrics
 
 OFFICIAL = GOLDEN / "released_style" / "official"
@@ -175,7 +175,7 @@ def test_metrics_are_truncated_to_the_checkpoint_on_resume(tmp_path):
 # parcae eval: reports are replaced atomically
 # ---------------------------------------------------------------------------------------------------------------
 def test_eval_report_is_replaced_atomically(tmp_path):
-    from modeling_parcae.eval.cli import write_atomically
+    from modeling_parcae.atomic import write_atomically
 
     report = tmp_path / "report.json"
     report.write_text('{"old": true}\n')

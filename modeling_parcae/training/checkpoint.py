@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from modeling_parcae.conversion.atomic import atomic_directory
+from modeling_parcae.atomic import atomic_directory
 from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")

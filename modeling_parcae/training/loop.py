@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset, load_tokenizer
 
+from modeling_parcae.atomic import write_atomically
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
 from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint, save_final_model
 from modeling_parcae.training.data import RowStream, build_training_data
@@ -282,9 +282,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             raise ValueError(f"{path}, line {number}: not a JSON record: {line[:80]!r}") from None
         if record["step"] <= step:
             kept.append(line + "\n")
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
 
 
 def _flat_hparams(tree: dict, prefix: str = "") -> dict:

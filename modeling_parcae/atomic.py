@@ -1,6 +1,7 @@
-"""Write a directory completely or not at all: build it next to the destination, then rename it into place.
+"""Write a directory or a file completely or not at all: build it next to the destination, then rename it into place.
 
-Staging folders are named ``.<name>.partial-<pid>-<random>``; one whose process no longer runs was left by a killed
+Used wherever the project writes something a crash must not leave half-written: converted checkpoints, the final
+trained model, eval reports, the demo model, the training metrics log. Staging folders are named ``.<name>.partial-<pid>-<random>``; one whose process no longer runs was left by a killed
 run and is removed the next time the same destination is written.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
             os.rename(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary_path)`` next to ``path``, then rename: a crash or a full disk never leaves half a file."""
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def check_not_overlapping(source: str | Path, destination: str | Path) -> None:
