@@ -12,7 +12,9 @@ from tqdm import tqdm
 
 from modeling_parcae.eval.modelio import forward_depth_logits, max_length
 from modeling_parcae.eval.procedure import check_limit
-from modeling_parcae.scoring import loss_and_bpb, next_token_totals, pad_id_of, pad_right, token_byte_lengths
+from modeling_parcae.scoring import (
+    loss_and_bpb, next_token_batch, next_token_totals, pad_id_of, scoring_rows, token_byte_lengths,
+)
 
 
 def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
@@ -55,15 +57,13 @@ def bits_per_byte_at_depths(model, tokenizer, documents: list[str], depths: list
     max_len = max_len or max_length(model)
     device = next(model.parameters()).device
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size).to(device)
-    rows = [ids[: max_len + 1] for ids in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]]
-    rows = [r for r in rows if len(r) >= 2]
+    rows = scoring_rows(tokenizer, documents, max_len)
     totals = torch.zeros(len(depths), 3, dtype=torch.float64)  # per depth: nats, counted tokens, bytes
     pad = pad_id_of(tokenizer)
     desc = "bpb T=" + ",".join(str(d) for d in depths)
     for b in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
         batch = rows[b: b + batch_size]
-        ids, mask = pad_right([r[:-1] for r in batch], pad, device)
-        targets, _ = pad_right([r[1:] for r in batch], pad, device)
+        ids, targets, mask = next_token_batch(batch, pad, device)
         # right padding: real positions never attend to the padding, so no mask (and the fused causal kernel)
         for k, logits in enumerate(forward_depth_logits(model, ids, None, depths)):
             totals[k] += next_token_totals(logits, targets, mask, byte_lengths).cpu()

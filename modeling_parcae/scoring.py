@@ -15,6 +15,13 @@ import torch
 import torch.nn.functional as F
 
 
+def scoring_rows(tokenizer, texts: list[str], context: int) -> list[list[int]]:
+    """One row per document: its tokens without BOS/EOS, truncated to ``context + 1`` (inputs ``row[:-1]`` predict
+    targets ``row[1:]``); documents of fewer than two tokens have nothing to score and are dropped."""
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    return [row[: context + 1] for row in ids if len(row) >= 2]
+
+
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 length of each token id's decoded text; 0 for special tokens and for ids the tokenizer does not have.
     Long enough for both the model's (possibly padded) vocabulary and the tokenizer's."""
@@ -37,6 +44,15 @@ def pad_right(rows: list[list[int]], pad_value: int, device: torch.device | str 
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     return ids.to(device), mask.to(device)
+
+
+def next_token_batch(rows: list[list[int]], pad_id: int, device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(inputs, targets, mask)`` of :func:`scoring_rows`: inputs ``row[:-1]``, targets ``row[1:]``,
+    ``mask`` 1 on the real positions."""
+    inputs, mask = pad_right([row[:-1] for row in rows], pad_id, device)
+    targets, _ = pad_right([row[1:] for row in rows], pad_id, device)
+    return inputs, targets, mask
 
 
 def pad_id_of(tokenizer) -> int:

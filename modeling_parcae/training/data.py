@@ -22,6 +22,7 @@ import datasets
 import torch
 
 from modeling_parcae.inputs import local_path_or_hub_id
+from modeling_parcae.scoring import scoring_rows
 from modeling_parcae.training.recipe import DataRecipe
 
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -158,5 +159,4 @@ def build_training_data(recipe: DataRecipe, tokenizer, seed: int,
 
 def _validation_tokens(documents, tokenizer, text_column: str, block_size: int) -> list[list[int]]:
     texts = [doc[text_column] for doc in documents if doc[text_column] and doc[text_column].strip()]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [document[: block_size + 1] for document in ids if len(document) >= 2]
+    return scoring_rows(tokenizer, texts, block_size)

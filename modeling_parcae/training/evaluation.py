@@ -12,7 +12,7 @@ import math
 import torch
 from accelerate import Accelerator
 
-from modeling_parcae.scoring import loss_and_bpb, next_token_totals, pad_right
+from modeling_parcae.scoring import loss_and_bpb, next_token_batch, next_token_totals
 
 
 @torch.no_grad()
@@ -31,8 +31,7 @@ def validation_metrics(model, accelerator: Accelerator, documents: list[list[int
         for index in range(batches_per_rank):
             batch = shard[index * batch_size:(index + 1) * batch_size]
             if batch:
-                inputs, mask = pad_right([document[:-1] for document in batch], pad_id, accelerator.device)
-                targets, _ = pad_right([document[1:] for document in batch], pad_id, accelerator.device)
+                inputs, targets, mask = next_token_batch(batch, pad_id, accelerator.device)
             else:  # one fully masked row, so that this process still runs its forward pass
                 inputs = targets = torch.full((1, 1), pad_id, device=accelerator.device)
                 mask = torch.zeros_like(inputs)
