@@ -2,6 +2,7 @@
 
 import json
 import os
+import site
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,27 @@ def official_layout(tmp_path_factory):
         return derived if derived.exists() else write_receval_layout(case, derived)
 
     return folder
+
+
+def site_packages_without_this_project(folder: Path) -> Path:
+    """``folder`` filled with links to this venv's site-packages entries, minus this project's editable install and
+    the ``.pth`` files: on ``PYTHONPATH`` of a ``python -S`` it gives every dependency but not the checkout."""
+    folder.mkdir()
+    for site_dir in site.getsitepackages():
+        for entry in os.listdir(site_dir):
+            if "parcae" not in entry.lower() and not entry.endswith(".pth"):
+                os.symlink(os.path.join(site_dir, entry), folder / entry)
+    return folder
+
+
+@pytest.fixture
+def accelerator():
+    """A CPU Accelerator whose process-wide state is reset afterwards (Trainer tests build their own)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

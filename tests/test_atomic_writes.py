@@ -117,15 +117,6 @@ def test_truncated_safetensors_is_named_and_nothing_is_written(tmp_path, capsys)
 # ---------------------------------------------------------------------------------------------------------------
 # parcae train: the final model, and metrics.jsonl after --resume
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 class _DyingTokenizer:
     """A tokenizer whose save is killed after the model files are written (what SIGKILL did to final/ before)."""
 

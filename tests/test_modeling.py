@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PARCAE_CASES, load_golden_model, load_reference, tiny_config, tiny_model
+from conftest import (
+    PARCAE_CASES, load_golden_model, load_reference, site_packages_without_this_project, tiny_config, tiny_model,
+)
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, list_presets, load_preset
 from modeling_parcae.modeling_parcae import sample_loop_schedule
@@ -361,15 +363,8 @@ print('remote-ok')
 def _env_without_editable_finder(tmp_path):
     """An environment whose site-packages hides this project's editable install (a fresh interpreter elsewhere)."""
     import os
-    import site
 
-    shadow = tmp_path / "site"
-    shadow.mkdir()
-    for site_dir in site.getsitepackages():
-        for entry in os.listdir(site_dir):
-            if "parcae" in entry.lower():
-                continue
-            os.symlink(os.path.join(site_dir, entry), shadow / entry)
+    shadow = site_packages_without_this_project(tmp_path / "site")
     return {**os.environ, "PYTHONPATH": str(shadow), "HF_MODULES_CACHE": str(tmp_path / "modules"),
             "PYTHONNOUSERSITE": "1"}
 

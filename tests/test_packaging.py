@@ -4,13 +4,12 @@ core install (no extras) loads the demo model and generates."""
 import importlib.metadata
 import os
 import re
-import site
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, site_packages_without_this_project
 from packaging.requirements import Requirement
 
 
@@ -25,12 +24,7 @@ def installed(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     # the dependencies come from this venv's site-packages, minus the editable install of the checkout
-    shadow = root / "site"
-    shadow.mkdir()
-    for site_dir in site.getsitepackages():
-        for entry in os.listdir(site_dir):
-            if "parcae" not in entry.lower() and not entry.endswith(".pth"):
-                os.symlink(os.path.join(site_dir, entry), shadow / entry)
+    shadow = site_packages_without_this_project(root / "site")
     env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{shadow}", "PYTHONNOUSERSITE": "1"}
     outside = root / "elsewhere"
     outside.mkdir()

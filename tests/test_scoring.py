@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from conftest import FIXTURES, tiny_model
 from modeling_parcae.conversion.tokenizer import load_official_tokenizer
@@ -40,7 +39,7 @@ def _by_hand(model, tokenizer, loops):
     return nats / tokens, nats / (math.log(2) * n_bytes)
 
 
-def test_eval_and_training_validation_agree_with_the_definition(model_and_tokenizer):
+def test_eval_and_training_validation_agree_with_the_definition(model_and_tokenizer, accelerator):
     model, tokenizer = model_and_tokenizer
     loss, bpb = _by_hand(model, tokenizer, loops=3)
 
@@ -49,7 +48,7 @@ def test_eval_and_training_validation_agree_with_the_definition(model_and_tokeni
     assert evaluated["bpb"] == pytest.approx(bpb, rel=1e-5)
 
     documents = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in DOCUMENTS]
-    metrics = validation_metrics(model, Accelerator(cpu=True), documents,
+    metrics = validation_metrics(model, accelerator, documents,
                                  token_byte_lengths(tokenizer, model.config.vocab_size), depths=[3], batch_size=2,
                                  pad_id=0)
     assert metrics["val/loss@3"] == pytest.approx(loss, rel=1e-5)

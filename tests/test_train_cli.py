@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 from torch import nn
 
 from conftest import FIXTURES, REPO_ROOT
@@ -307,15 +306,6 @@ def _nullcontext():
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def accelerator():
-    """A CPU Accelerator whose process-wide state is reset afterwards (Trainer tests build their own)."""
-    from accelerate.state import AcceleratorState
-
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch, accelerator):
     model = accelerator.prepare(nn.Linear(4, 4))
     directory = tmp_path / "checkpoints"
