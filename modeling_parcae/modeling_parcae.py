@@ -12,7 +12,7 @@ This file is part of the remote code copied next to saved checkpoints: it import
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .adaptive_parcae import adaptive_iterate, validate_exit_threshold
 from .cache_parcae import ParcaeCache
 from .configuration_parcae import ParcaeConfig, validate_num_loops
 
@@ -58,11 +60,12 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """Rotate interleaved pairs (2i, 2i+1) of the last dim (the GPT-J / "complex" layout of the official code).
 
     ``x`` is (B, heads, T, D); ``cos``/``sin`` are (B, T, D/2) float32. Computed in float32, cast back.
+    One complex multiply per pair, ``(re, im) * (cos, sin)``: the same products and sums as the official
+    ``apply_rotary_emb_complex_like`` (bit-identical outputs), without its stack of four temporaries
+    (benchmarks/bench_released_shapes.py: ~20x cheaper on CPU).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None], sin[:, None]
-    rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    rotated = torch.view_as_real(pairs * torch.complex(cos, sin)[:, None])
     return rotated.flatten(-2).to(x.dtype)
 
 
@@ -118,7 +121,10 @@ class ParcaeMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(0.5 * F.relu(self.up_proj(x)).square())
+        # the same ops in the same order as 0.5 * relu(h)^2, with one new buffer instead of three: relu_ overwrites
+        # up_proj's fresh output (its backward needs only x) and mul_ overwrites square's output (its backward needs
+        # only its input), so autograd stays exact
+        return self.down_proj(F.relu_(self.up_proj(x)).square().mul_(0.5))
 
 
 class ParcaeAttention(nn.Module):
@@ -257,8 +263,15 @@ class ParcaeDiagonalInjection(nn.Module):
         """Per-channel state decay ``exp(-dt * A)``, in (0, 1)."""
         return torch.exp(-self.step_size() * torch.exp(self.A_log))
 
-    def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return state * self.decay() + self.step_size() * F.linear(embeds, self.B)
+    def precompute(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loop-invariant part ``(decay, dt * (e B^T))``, computed once per forward pass and handed to every loop
+        (the official code recomputes it each loop: same values, one d x d matmul per loop saved)."""
+        return self.decay(), self.step_size() * F.linear(embeds, self.B)
+
+    def forward(self, state: torch.Tensor, embeds: torch.Tensor,
+                precomputed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        decay, drive = self.precompute(embeds) if precomputed is None else precomputed
+        return state * decay + drive
 
 
 class ParcaeLinearInjection(nn.Module):
@@ -268,7 +281,10 @@ class ParcaeLinearInjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias)
 
-    def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def precompute(self, embeds: torch.Tensor) -> None:
+        """Nothing here is loop-invariant."""
+
+    def forward(self, state: torch.Tensor, embeds: torch.Tensor, precomputed: None = None) -> torch.Tensor:
         return self.proj(torch.cat([state, embeds], dim=-1))
 
 
@@ -278,7 +294,10 @@ class ParcaeAdditiveInjection(nn.Module):
     def __init__(self, config: ParcaeConfig):
         super().__init__()
 
-    def forward(self, state: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def precompute(self, embeds: torch.Tensor) -> None:
+        """Nothing here is loop-invariant."""
+
+    def forward(self, state: torch.Tensor, embeds: torch.Tensor, precomputed: None = None) -> torch.Tensor:
         return state + embeds
 
 
@@ -377,6 +396,47 @@ def initialize_state(
     return nn.init.trunc_normal_(noise, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
 
 
+def check_forward_inputs(config: ParcaeConfig, input_ids, inputs_embeds, attention_mask, initial_state,
+                         past_length: int) -> None:
+    """Reject malformed inputs with a ``ValueError`` naming the argument, instead of a torch error deep inside (or,
+    for a mask of the wrong length, silently different logits). Costs one host sync for the token-id range (and one
+    for a floating-point mask); skipped while compiling."""
+    named = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+             "initial_state": initial_state}
+    for name, value in named.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if input_ids is not None:
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {config.hidden_size}), got "
+                         f"{tuple(inputs_embeds.shape)}")
+    batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    if seq_len == 0 or batch_size == 0:
+        raise ValueError(f"the input is empty: batch {batch_size}, seq_len {seq_len}")
+    if input_ids is not None and bool(((input_ids < 0) | (input_ids >= config.vocab_size)).any()):
+        raise ValueError(f"input_ids must lie in [0, vocab_size={config.vocab_size}), got values from "
+                         f"{int(input_ids.min())} to {int(input_ids.max())}")
+    if attention_mask is not None:
+        if attention_mask.shape[0] != batch_size:
+            raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, input has {batch_size}")
+        if attention_mask.ndim == 2:
+            if attention_mask.shape[1] not in (seq_len, past_length + seq_len):
+                raise ValueError(
+                    f"attention_mask has length {attention_mask.shape[1]}; expected the input length {seq_len} or "
+                    f"cached + input length {past_length + seq_len}")
+            if attention_mask.dtype.is_floating_point and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError("a 2-D attention_mask holds 1 (attend) and 0 (padding); got other values")
+        elif attention_mask.ndim != 4:
+            raise ValueError(f"attention_mask must be 2-D (batch, length) or 4-D, got {attention_mask.ndim}-D")
+    if initial_state is not None and tuple(initial_state.shape) != (batch_size, seq_len, config.state_size):
+        raise ValueError(f"initial_state must have shape (batch, seq_len, state_size) = "
+                         f"{(batch_size, seq_len, config.state_size)}, got {tuple(initial_state.shape)}")
+
+
 class ParcaePreTrainedModel(PreTrainedModel):
     config: ParcaeConfig
     base_model_prefix = "model"
@@ -387,7 +447,16 @@ class ParcaePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
+    # output_attentions: one map per *executed* block, recorded by hooks in execution order (prelude, each loop's
+    # core blocks, coda); hidden states are Parcae's own (see ParcaeModel.forward)
+    _can_record_outputs = {"attentions": OutputRecorder(ParcaeAttention, index=1)}
     _can_compile_fullgraph = False  # the loop count is a Python int and the cache is dynamic
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Validate the config before writing anything: transformers copies the remote-code files first and would
+        leave a directory holding only those when the config (edited after loading) is invalid."""
+        self.config.validate()
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -427,6 +496,16 @@ class ParcaePreTrainedModel(PreTrainedModel):
         elif isinstance(module, ParcaeRotaryEmbedding):
             dim, theta = self.config.head_dim, self.config.rope_parameters["rope_theta"]
             init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
+        """Resize the token embedding (and the tied head) as transformers does, and every value-embedding table with
+        it: the tables are indexed by token id too, so a new token must get a row in each."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        tables = self.base_model.value_embeddings
+        for key, table in tables.items():
+            resized = self._get_resized_embeddings(table, embeddings.weight.shape[0], mean_resizing=mean_resizing)
+            tables[key] = resized.requires_grad_(table.weight.requires_grad)
+        return embeddings
 
     def _module_name(self, module: nn.Module) -> str:
         """Qualified name of a submodule ("" if it is not one); a walk of a few hundred modules, once per leaf."""
@@ -490,6 +569,7 @@ class ParcaeModel(ParcaePreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -502,6 +582,8 @@ class ParcaeModel(ParcaePreTrainedModel):
         initial_state: torch.Tensor | None = None,
         state_generator: torch.Generator | None = None,
         output_hidden_states: bool | None = None,
+        output_depths: Sequence[int] | None = None,
+        exit_threshold: float | None = None,
         **kwargs,
     ) -> "ParcaeModelOutputWithPast":
         r"""
@@ -517,16 +599,41 @@ class ParcaeModel(ParcaePreTrainedModel):
             Return ``(embeddings, prelude_1..P, loop_1..loop_T, coda_1..coda_C)``: each prelude block's output, the
             recurrent state after each loop (before ``state_readout``), and each coda block's output (before the
             final norm).
+        output_attentions (`bool`, *optional*):
+            Return the attention weights of every *executed* block in execution order: prelude blocks, then each
+            loop's core blocks (loop 0 first), then coda blocks (``P + num_loops * C + coda`` maps; eager attention).
+        inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden_size)`, *optional*):
+            Instead of ``input_ids``. Value embeddings are looked up from token ids, so positions given as embeddings
+            carry none (their value embedding is zero); this is what prompt tuning (virtual tokens) needs.
+        output_depths (sequence of distinct positive `int`, *optional*):
+            Loop counts to read out from one pass (evaluation only): the core runs ``max(output_depths)`` loops and
+            the state after each requested loop count goes through readout, coda and norm, returned in
+            ``depth_hidden_states`` in the given order (``last_hidden_state`` is the deepest). With the zero (or a
+            given) initial state the state after ``t`` loops does not depend on the loops that follow, so each depth
+            equals a separate forward at that ``num_loops``. With a cache, the coda runs once per depth and the cache
+            holds one coda slot set per depth (``ParcaeCache(config, num_loops, output_depths)``), so a cached
+            continuation is exact at every depth; such a cache serves only forwards with the same ``output_depths``.
+        exit_threshold (`float`, *optional*):
+            Per-token adaptive depth (evaluation only): a token stops looping once the relative change of its state
+            ``||h_t - h_{t-1}|| / ||h_t||`` falls below the threshold, capped by ``num_loops``; exited tokens are not
+            computed, later tokens read their last computed keys/values (see ``adaptive_parcae.py``). The loops each
+            token ran are returned in ``num_loops`` with shape ``(batch, seq_len)``. 0 never exits early.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if input_ids is None and len(self.value_embeddings):
-            raise ValueError("Parcae mixes value embeddings looked up from token ids: pass input_ids, not inputs_embeds")
+        if not torch.compiler.is_compiling():
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            check_forward_inputs(self.config, input_ids, inputs_embeds, attention_mask, initial_state, past)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if output_depths is not None:
+            output_depths = self._check_output_depths(output_depths, num_loops)
+            num_loops = max(output_depths)
+        if exit_threshold is not None:
+            exit_threshold = self._check_exit_threshold(exit_threshold, output_depths)
 
         schedule = self._loop_schedule(num_loops, batch_size, seq_len) if self.looped else LoopSchedule.fixed(0, 1)
         if use_cache is None:
@@ -534,9 +641,16 @@ class ParcaeModel(ParcaePreTrainedModel):
         if use_cache and past_key_values is None:
             if not schedule.is_uniform:
                 raise ValueError("a KV cache needs one loop count for the whole batch; pass an int num_loops")
-            past_key_values = ParcaeCache(self.config, num_loops=int(schedule.total.flatten()[0]))
+            past_key_values = ParcaeCache(self.config, num_loops=int(schedule.total.flatten()[0]),
+                                          output_depths=output_depths)
+        if past_key_values is not None and not isinstance(past_key_values, ParcaeCache):
+            raise TypeError(
+                f"past_key_values is a {type(past_key_values).__name__}; Parcae needs a ParcaeCache (one slot per "
+                "executed block: prelude + num_loops * core + coda). Pass none and the model builds it, or pass "
+                "ParcaeCache(model.config, num_loops=...) (ParcaeStaticCache for a fixed-size, compilable cache)"
+            )
         if past_key_values is not None and self.looped:
-            past_key_values.check_num_loops(int(schedule.total.max()))
+            past_key_values.check_num_loops(int(schedule.total.max()), output_depths)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         position_ids = self._position_ids(position_ids, attention_mask, past_length, batch_size, seq_len,
@@ -561,16 +675,32 @@ class ParcaeModel(ParcaePreTrainedModel):
         if self.looped:
             embeds = self.prelude_norm(hidden_states) if self.prelude_norm is not None else hidden_states
             state = self._initial_state(embeds, initial_state, state_generator)
-            state = self._iterate(state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states)
+            depth_states = dict.fromkeys(output_depths or ())
+            if exit_threshold is not None:
+                state, loops_run = adaptive_iterate(self, state, embeds, int(schedule.total.max()), exit_threshold,
+                                                    value_embeddings, block_kwargs, attention_mask, past_length)
+                schedule = LoopSchedule(torch.zeros_like(loops_run), loops_run)
+            else:
+                state = self._iterate(state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states,
+                                      depth_states)
             hidden_states = self.state_readout(state)
         hidden_states = self._run_stage(self.coda, hidden_states, value_embeddings, block_kwargs, all_hidden_states)
         hidden_states = self.norm(hidden_states)
+        depth_hidden_states = None
+        if output_depths is not None:  # the deepest is ``hidden_states``; the others get their own coda pass
+            depth_hidden_states = tuple(
+                hidden_states if depth == num_loops else self.norm(self._run_stage(
+                    self.coda, self.state_readout(depth_states[depth]), value_embeddings, block_kwargs, None,
+                    slot_offset=ParcaeCache.coda_slot_offset(self.config, num_loops, output_depths, depth)))
+                for depth in output_depths
+            )
 
         return ParcaeModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             num_loops=schedule.total,
+            depth_hidden_states=depth_hidden_states,
         )
 
     # -- pieces of the forward pass ----------------------------------------------------------------------------
@@ -592,6 +722,30 @@ class ParcaeModel(ParcaePreTrainedModel):
             with_grad = min(total, config.mean_backprop_depth)
             no_grad = total - with_grad
         return LoopSchedule.fixed(no_grad, with_grad)
+
+    def _check_output_depths(self, output_depths: Sequence[int], num_loops: LoopCount | None) -> tuple[int, ...]:
+        depths = tuple(output_depths) if isinstance(output_depths, (tuple, list)) else None
+        if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths) or len(
+                set(depths)) != len(depths):
+            raise ValueError(f"output_depths must be a non-empty sequence of distinct positive ints, got {output_depths!r}")
+        if not self.looped:
+            raise ValueError("output_depths needs a looped model; this one has a fixed depth")
+        if self.training:
+            raise ValueError("output_depths is for evaluation (training samples its depths); call model.eval() first")
+        if num_loops is not None and num_loops != max(depths):
+            raise ValueError(f"num_loops={num_loops!r} contradicts output_depths={depths}: the pass runs "
+                             f"max(output_depths)={max(depths)} loops; leave num_loops out")
+        return depths
+
+    def _check_exit_threshold(self, exit_threshold: float, output_depths: tuple[int, ...] | None) -> float:
+        if not self.looped:
+            raise ValueError("exit_threshold needs a looped model; this one has a fixed depth")
+        if self.training:
+            raise ValueError("exit_threshold is for evaluation and generation; call model.eval() first")
+        if output_depths is not None:
+            raise ValueError("exit_threshold and output_depths cannot be combined: a depth sweep runs every token to "
+                             "each depth")
+        return validate_exit_threshold(exit_threshold)
 
     def _position_ids(self, position_ids, attention_mask, past_length, batch_size, seq_len, device) -> torch.Tensor:
         """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone.
@@ -619,13 +773,15 @@ class ParcaeModel(ParcaePreTrainedModel):
         keys = {block.value_embedding_key for block in (*self.prelude, *self.core, *self.coda)}
         return {key: self.value_embeddings[key](input_ids) for key in sorted(keys - {None})}
 
-    def _run_stage(self, blocks, hidden_states, value_embeddings, block_kwargs, all_hidden_states, loop=0):
+    def _run_stage(self, blocks, hidden_states, value_embeddings, block_kwargs, all_hidden_states, loop=0,
+                   slot_offset=0):
         """Run ``blocks`` in order, recording each output in ``all_hidden_states`` when given (``_iterate`` passes None:
-        it records the state after each loop instead)."""
+        it records the state after each loop instead). ``slot_offset`` moves the cache slots (a shallower depth's
+        coda under ``output_depths``)."""
         for block in blocks:
             hidden_states = block(
                 hidden_states,
-                cache_slot=block.cache_slot(loop),
+                cache_slot=block.cache_slot(loop) + slot_offset,
                 value_embedding=value_embeddings.get(block.value_embedding_key),
                 **block_kwargs,
             )
@@ -646,18 +802,24 @@ class ParcaeModel(ParcaePreTrainedModel):
         method = config.state_init if self.training or config.inference_state_init == "config" else "zero"
         return initialize_state(method, embeds, config.state_size, config.initializer_range, generator)
 
-    def _iterate(self, state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states) -> torch.Tensor:
-        """Run the core: ``state <- core(injection(state, e))``, gradient only in the last iterations."""
+    def _iterate(self, state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states,
+                 depth_states=None) -> torch.Tensor:
+        """Run the core: ``state <- core(injection(state, e))``, gradient only in the last iterations.
+        ``depth_states`` (loop count -> None) receives the state after each of its loop counts."""
+        precomputed = self.injection.precompute(embeds)  # once, under the caller's grad mode
         for loop, (with_grad, active) in enumerate(schedule.steps()):
             with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
                 new_state = self._run_stage(
-                    self.core, self.injection(state, embeds), value_embeddings, block_kwargs, None, loop=loop
+                    self.core, self.injection(state, embeds, precomputed), value_embeddings, block_kwargs, None,
+                    loop=loop,
                 )
             if active is not None:
                 # frozen samples keep their state; per-sequence masks broadcast over (T, S), per-token over S
                 mask = active.to(state.device).view(*active.shape, *([1] * (state.dim() - active.dim())))
                 new_state = torch.where(mask, new_state, state)
             state = new_state
+            if depth_states and loop + 1 in depth_states:
+                depth_states[loop + 1] = state
             if all_hidden_states is not None:
                 all_hidden_states.append(state)
         return state
@@ -665,16 +827,20 @@ class ParcaeModel(ParcaePreTrainedModel):
 
 @dataclass
 class ParcaeModelOutputWithPast(BaseModelOutputWithPast):
-    """``BaseModelOutputWithPast`` plus ``num_loops``: the core iterations each sequence (or token) ran."""
+    """``BaseModelOutputWithPast`` plus ``num_loops``: the core iterations each sequence (or token) ran, and
+    ``depth_hidden_states``: the final hidden states at each of ``output_depths``."""
 
     num_loops: torch.LongTensor | None = None
+    depth_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class ParcaeCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` plus ``num_loops``: the core iterations each sequence (or token) ran."""
+    """``CausalLMOutputWithPast`` plus ``num_loops``: the core iterations each sequence (or token) ran, and
+    ``depth_logits``: the logits at each of ``output_depths`` (``logits`` are the deepest's)."""
 
     num_loops: torch.LongTensor | None = None
+    depth_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
@@ -688,22 +854,6 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Also accepts official ``parcae_lm`` checkpoints (Hub id or directory): converted once, then cached.
-
-        The converter ships with the ``parcae-transformers`` package, not with the remote code, hence the guard.
-        """
-        try:
-            from modeling_parcae.conversion.hub import maybe_convert_official
-        except ImportError:
-            maybe_convert_official = None
-        if maybe_convert_official is not None and pretrained_model_name_or_path is not None:
-            pretrained_model_name_or_path = (
-                maybe_convert_official(pretrained_model_name_or_path, **kwargs) or pretrained_model_name_or_path
-            )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -719,12 +869,15 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         initial_state: torch.Tensor | None = None,
         state_generator: torch.Generator | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_depths: Sequence[int] | None = None,
+        exit_threshold: float | None = None,
         **kwargs,
     ) -> ParcaeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
             Token ids for the language-modelling loss, **unshifted** (the loss shifts them), -100 to ignore.
-        num_loops, initial_state, state_generator: see [`ParcaeModel.forward`].
+        num_loops, initial_state, state_generator, output_depths, exit_threshold: see [`ParcaeModel.forward`];
+            with ``output_depths`` the logits of every depth are in ``depth_logits``.
 
         Example:
 
@@ -748,12 +901,14 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             num_loops=num_loops,
             initial_state=initial_state,
             state_generator=state_generator,
+            output_depths=output_depths,
+            exit_threshold=exit_threshold,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states).float()
-        if self.config.logit_softcap is not None:
-            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        logits = self._logits(outputs.last_hidden_state, logits_to_keep)
+        depth_logits = None
+        if outputs.depth_hidden_states is not None:
+            depth_logits = tuple(self._logits(hidden, logits_to_keep) for hidden in outputs.depth_hidden_states)
 
         loss = None
         if labels is not None:
@@ -764,8 +919,16 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             num_loops=outputs.num_loops,
+            depth_logits=depth_logits,
         )
+
+    def _logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep)).float()
+        if self.config.logit_softcap is not None:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        return logits
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length) -> None:
