@@ -5,6 +5,8 @@ LM such as the fixed-depth Transformer baselines (no ``num_loops``)."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from modeling_parcae.dtypes import torch_dtype
@@ -12,12 +14,14 @@ from modeling_parcae.dtypes import torch_dtype
 
 def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float32"):
     """``from_pretrained`` for a local directory or Hub id; importing ``modeling_parcae`` registers the Parcae classes
-    with the Auto factories."""
-    import modeling_parcae  # noqa: F401  (registers ParcaeConfig / ParcaeForCausalLM)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with the Auto factories, and official ``parcae_lm`` checkpoints are converted once (explicitly, here)."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from modeling_parcae.conversion.hub import load_tokenizer, maybe_convert_official
+
+    source = maybe_convert_official(path) or path
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype)).to(device).eval()
+    tokenizer = load_tokenizer(path)
     return model, tokenizer
 
 
@@ -25,6 +29,12 @@ def is_looped(model) -> bool:
     """True when the model's depth can be chosen per call (a looped Parcae model)."""
     config = model.config
     return getattr(config, "num_loops", None) is not None and getattr(config, "looped", True)
+
+
+def supports_output_depths(model) -> bool:
+    """True when one forward can return the logits of several depths (``output_depths``; checkpoints saved with older
+    remote code lack it)."""
+    return is_looped(model) and "output_depths" in inspect.signature(model.forward).parameters
 
 
 def max_length(model) -> int:
@@ -36,10 +46,32 @@ def max_length(model) -> int:
     raise ValueError("cannot infer the model's maximum length; pass max_length explicitly")
 
 
+def depth_kwargs(model, depths: list[int | None]) -> dict:
+    """Forward kwargs for ``depths``: nothing (non-looped model or the default depth), ``num_loops`` (one depth) or
+    ``output_depths`` (several: every depth from one pass)."""
+    if not is_looped(model) or depths == [None]:
+        return {}
+    if len(depths) == 1:
+        return {"num_loops": depths[0]}
+    return {"output_depths": tuple(depths)}
+
+
+def logits_at_depths(output, depths: list[int | None]) -> list[torch.Tensor]:
+    """float32 logits per depth from a forward run with :func:`depth_kwargs` (a non-looped model: the same logits)."""
+    if len(depths) > 1 and getattr(output, "depth_logits", None) is not None:
+        return [logits.float() for logits in output.depth_logits]
+    return [output.logits.float()] * len(depths)
+
+
 @torch.inference_mode()
+def forward_depth_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         depths: list[int | None]) -> list[torch.Tensor]:
+    """float32 logits (B, T, V) at each of ``depths`` from one forward (depths are ignored for non-looped models)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **depth_kwargs(model, depths))
+    return logits_at_depths(out, depths)
+
+
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    num_loops: int | None) -> torch.Tensor:
     """float32 logits (B, T, V) at ``num_loops`` loops (ignored for non-looped models)."""
-    kwargs = {"num_loops": num_loops} if num_loops is not None and is_looped(model) else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return out.logits.float()
+    return forward_depth_logits(model, input_ids, attention_mask, [num_loops])[0]

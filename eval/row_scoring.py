@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modeling_parcae.eval.modelio import is_looped
+from modeling_parcae.eval.modelio import depth_kwargs, logits_at_depths
 from modeling_parcae.scoring import pad_right
 
 RowScore = tuple[float, int, bool]
@@ -100,29 +100,15 @@ def _batches(docs: list[_Document], batch_size: int, max_length: int) -> list[li
     return batches
 
 
-def _model_kwargs(model, depths: list[int | None]) -> dict:
-    if not is_looped(model) or depths == [None]:
-        return {}
-    if len(depths) == 1:
-        return {"num_loops": depths[0]}
-    return {"output_depths": tuple(depths)}
-
-
-def _logits_per_depth(output, depths: list[int | None]) -> list[torch.Tensor]:
-    if len(depths) > 1 and getattr(output, "depth_logits", None) is not None:
-        return [logits.float() for logits in output.depth_logits]
-    return [output.logits.float()] * len(depths)
-
-
 def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int | None], device) -> list[torch.Tensor]:
     """Logits per depth for every row of ``batch`` (in document order), aligned so that position ``p`` of a row's
     logits predicts its token ``p + 1`` — with a shared prefix, positions before the prefix end are not computed and
     the logits tensor starts at the prefix end (see :func:`_span_scores`)."""
-    kwargs = _model_kwargs(model, depths)
+    kwargs = depth_kwargs(model, depths)
     rows = [row for d in batch for row in d.rows]
     if batch[0].prefix == 0:
         ids, _ = pad_right([r.tokens for r in rows], pad_id, device)
-        return _logits_per_depth(model(input_ids=ids, use_cache=False, **kwargs), depths)
+        return logits_at_depths(model(input_ids=ids, use_cache=False, **kwargs), depths)
     prefix_ids, prefix_mask = pad_right([d.rows[0].tokens[: d.prefix] for d in batch], pad_id, device)
     out = model(input_ids=prefix_ids, use_cache=True, **kwargs)
     cache = out.past_key_values
@@ -135,7 +121,7 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
     steps = torch.minimum(torch.arange(own_ids.shape[1], device=device), own_lengths - 1)
     out = model(input_ids=own_ids, attention_mask=torch.cat([prefix_mask[owner], own_mask], dim=-1),
                 position_ids=prefix_lengths[:, None] + steps, past_key_values=cache, use_cache=True, **kwargs)
-    return _logits_per_depth(out, depths)
+    return logits_at_depths(out, depths)
 
 
 def _span_scores(logits: torch.Tensor, rows: list[tuple[_Document, int, Row]]) -> list[RowScore]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from modeling_parcae.eval.aggregate import fit_all, summarize_depth
 from modeling_parcae.eval.bundle import load_baselines, split_available
 from modeling_parcae.eval.lm import ParcaeLM
-from modeling_parcae.eval.modelio import is_looped
+from modeling_parcae.eval.modelio import is_looped, supports_output_depths
 from modeling_parcae.eval.specs import TASKS
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
              samples: dict | None = None) -> dict:
     """The full report. Tasks whose data file is missing are skipped with a warning naming them; fails only when
     nothing can run. If ``samples`` is a dict it receives per-item scores as samples[depth][seed][label]."""
-    from modeling_parcae.eval.bpb import bits_per_byte
+    from modeling_parcae.eval.bpb import bits_per_byte, bits_per_byte_at_depths
 
     report: dict = {"model": model_name, "bundle": str(bundle) if bundle else None, "baselines": baselines,
                     "seeds": seeds, "limit": limit, "results": {}}
@@ -81,6 +81,13 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
         logger.warning("model is not looped: evaluating once and reporting the same numbers for every depth")
     cached: dict | None = None
     lm = ParcaeLM(model, tokenizer=tokenizer, batch_size=batch_size)
+    sweep = looped and len(loops) > 1 and supports_output_depths(model)
+    if sweep:  # every depth from one pass: the first depth's run scores all of them, the others reuse the scores
+        lm.sweep_depths = list(dict.fromkeys(loops))
+    bpb_by_depth = {}
+    if bpb_documents and sweep:
+        bpb_by_depth = bits_per_byte_at_depths(model, tokenizer, bpb_documents, list(dict.fromkeys(loops)),
+                                                batch_size=batch_size)
     for depth in loops:
         lm.num_loops = depth
         if cached is not None and not looped:
@@ -97,7 +104,8 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
                 per_seed.append({label: r["acc"] for label, r in res.items()})
             entry = summarize_depth(per_seed, baseline_values, extended)
         if bpb_documents:
-            entry["bpb"] = bits_per_byte(model, tokenizer, bpb_documents, num_loops=depth, batch_size=batch_size)
+            entry["bpb"] = bpb_by_depth.get(depth) or bits_per_byte(model, tokenizer, bpb_documents, num_loops=depth,
+                                                                   batch_size=batch_size)
         report["results"][str(depth)] = cached = entry
     report["fit"] = fit_all(report["results"])
     return report

@@ -22,18 +22,37 @@ class ParcaeCache(Cache):
     depth, so :meth:`check_num_loops` raises instead.
     """
 
-    def __init__(self, config: ParcaeConfig, num_loops: int | None = None):
+    def __init__(self, config: ParcaeConfig, num_loops: int | None = None,
+                 output_depths: tuple[int, ...] | None = None):
         num_loops = config.num_loops if num_loops is None else num_loops
         validate_num_loops(num_loops)
         self.num_loops = num_loops
-        super().__init__(layers=[DynamicLayer() for _ in range(config.num_cache_slots(num_loops))])
+        # a multi-depth forward (``output_depths``) runs the coda once per depth: one more coda slot set per extra depth
+        self.output_depths = tuple(output_depths) if output_depths is not None else None
+        extra_codas = len(self.output_depths) - 1 if self.output_depths else 0
+        slots = config.num_cache_slots(num_loops) + extra_codas * config.num_coda_layers
+        super().__init__(layers=[DynamicLayer() for _ in range(slots)])
 
-    def check_num_loops(self, num_loops: int) -> None:
+    def check_num_loops(self, num_loops: int, output_depths: tuple[int, ...] | None = None) -> None:
         if num_loops != self.num_loops:
             raise ValueError(
                 f"this ParcaeCache was built for num_loops={self.num_loops} but the forward runs num_loops={num_loops}; "
                 "cached keys/values belong to a loop depth, so start a new cache (or pass the same num_loops)"
             )
+        if output_depths != self.output_depths:
+            raise ValueError(
+                f"this ParcaeCache was built for output_depths={self.output_depths} but the forward asks for "
+                f"output_depths={output_depths}; the coda slots belong to those depths, so start a new cache"
+            )
+
+    @staticmethod
+    def coda_slot_offset(config: ParcaeConfig, num_loops: int, output_depths: tuple[int, ...], depth: int) -> int:
+        """How far the coda slots of ``depth`` sit from the ordinary coda slots: the deepest uses the ordinary ones,
+        the k-th other depth of ``output_depths`` the k-th extra coda slot set after the core slots."""
+        if depth == num_loops:
+            return 0
+        k = [d for d in output_depths if d != num_loops].index(depth)
+        return config.num_cache_slots(num_loops) + k * config.num_coda_layers - config.num_prelude_layers
 
     def memory_bytes(self) -> int:
         """Bytes held by the cached keys and values of every slot."""
@@ -45,4 +64,35 @@ class ParcaeCache(Cache):
         return total
 
 
-__all__ = ["ParcaeCache"]
+class ParcaeSharedLoopCache(ParcaeCache):
+    """KV memory that does not grow with ``num_loops``: the core blocks keep one slot each, shared by all loops.
+
+    Rule (an approximation, selected per ``generate`` call with ``past_key_values=ParcaeSharedLoopCache(config,
+    num_loops=N)``): within one forward, loop ``r`` of the new tokens attends to the new tokens' own loop-``r``
+    keys/values, exactly as without a cache; what is *stored* for later tokens is only the last loop's keys/values,
+    so every loop of a later token reads the earlier tokens' last-loop keys/values. Slots: prelude ``P``, coda ``C``,
+    core ``R``, i.e. the layout of ``num_loops=1`` whatever ``num_loops`` is. Prefill is exact; decoding differs
+    from the exact cache wherever a loop's keys/values differ from the last loop's (measured in docs/generation.md).
+    """
+
+    def __init__(self, config: ParcaeConfig, num_loops: int | None = None):
+        super().__init__(config, num_loops=1)
+        self.num_loops = config.num_loops if num_loops is None else num_loops
+        validate_num_loops(self.num_loops)
+        self.first_core_slot = config.num_prelude_layers + config.num_coda_layers
+        self.num_core_layers = config.num_core_layers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx < self.first_core_slot or self.num_core_layers == 0:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        loop, block = divmod(layer_idx - self.first_core_slot, self.num_core_layers)
+        slot = self.first_core_slot + block
+        if loop == self.num_loops - 1:
+            return super().update(key_states, value_states, slot, *args, **kwargs)
+        layer = self.layers[slot]
+        if not layer.is_initialized or layer.keys.numel() == 0:
+            return key_states, value_states
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+__all__ = ["ParcaeCache", "ParcaeSharedLoopCache"]

@@ -23,6 +23,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -38,22 +39,44 @@ LoopCount = int | tuple[int, int] | list[int] | torch.Tensor
 
 
 class ParcaeRotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, computed in float32 exactly like the official ``freqs_cis`` buffer."""
+    """cos/sin tables for RoPE, computed in float32 exactly like the official ``freqs_cis`` buffer.
+
+    ``rope_parameters["rope_type"]`` other than ``default`` (``linear``, ``dynamic``, ``yarn``, ``llama3``, ...) takes
+    its inverse frequencies and attention scaling from transformers' ``ROPE_INIT_FUNCTIONS`` (and ``dynamic`` /
+    ``longrope`` their runtime update from ``dynamic_rope_update``), as Llama does. The frequencies are per rotated
+    pair, so they apply unchanged to Parcae's interleaved pairs (2i, 2i+1).
+    """
 
     inv_freq: torch.Tensor
 
-    def __init__(self, config: ParcaeConfig):
+    def __init__(self, config: ParcaeConfig, device: torch.device | None = None):
         super().__init__()
-        dim = config.head_dim
-        theta = config.rope_parameters["rope_theta"]
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"rope_parameters['rope_type']={self.rope_type!r} is not a RoPE type transformers knows: "
+                             f"use 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}")
+        self.rope_init_fn = (self.compute_default_rope_parameters if self.rope_type == "default"
+                             else ROPE_INIT_FUNCTIONS[self.rope_type])
+        inv_freq, self.attention_scaling = self.rope_init_fn(config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: ParcaeConfig, device=None, seq_len=None) -> tuple[torch.Tensor, float]:
+        dim, theta = config.head_dim, config.rope_parameters["rope_theta"]
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)), 1.0
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` of shape (batch, seq_len, head_dim / 2); ``x`` only gives the device (Llama's API)."""
         # elementwise product == torch.outer in the official table, so the angles are bit-identical
         freqs = position_ids[..., None].float() * self.inv_freq.float()
-        return freqs.cos(), freqs.sin()
+        if self.attention_scaling == 1.0:
+            return freqs.cos(), freqs.sin()
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
 
 def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -494,8 +517,9 @@ class ParcaePreTrainedModel(PreTrainedModel):
         elif isinstance(module, ParcaeRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, ParcaeRotaryEmbedding):
-            dim, theta = self.config.head_dim, self.config.rope_parameters["rope_theta"]
-            init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
+            inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
 
     def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
         """Resize the token embedding (and the tied head) as transformers does, and every value-embedding table with
@@ -664,7 +688,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         )
         block_kwargs = dict(
             attention_mask=causal_mask,
-            position_embeddings=self.rotary_emb(position_ids),
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
             past_key_values=past_key_values,
             **kwargs,
         )

@@ -1,0 +1,128 @@
+"""Per-token adaptive depth (``exit_threshold``): a threshold of 0 is fixed depth exactly; cached decoding equals the
+uncached forward under the rule; rows and tokens exit independently and equal each row run alone; exited tokens are
+really not computed."""
+
+import pytest
+import torch
+
+LOOPS = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+
+    torch.manual_seed(0)
+    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=LOOPS,
+                          mean_backprop_depth=2, max_position_embeddings=64)
+    model = ParcaeForCausalLM(config).eval()
+    with torch.no_grad():  # non-zero output projections, so attention and MLP shape the state
+        for name, param in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def _threshold_with_mixed_exits(model, ids, mask=None):
+    """The median relative state change after loop 4 (read from ``output_hidden_states`` of a fixed-depth run): about
+    half of the tokens exit there and the rest later, so the batch mixes exit depths."""
+    with torch.no_grad():
+        states = model(ids, attention_mask=mask, num_loops=LOOPS, output_hidden_states=True,
+                       use_cache=False).hidden_states
+    first = 1 + model.config.num_prelude_layers
+    third, fourth = states[first + 2], states[first + 3]
+    change = (fourth - third).norm(dim=-1) / fourth.norm(dim=-1)
+    return float(change[mask.bool()].median() if mask is not None else change.median())
+
+
+def test_threshold_zero_is_fixed_depth_exactly(model):
+    ids = torch.randint(3, 288, (2, 10))
+    mask = torch.tensor([[0, 0] + [1] * 8, [1] * 10])
+    with torch.no_grad():
+        fixed = model(ids, attention_mask=mask, num_loops=LOOPS, use_cache=False)
+        adaptive = model(ids, attention_mask=mask, num_loops=LOOPS, exit_threshold=0.0, use_cache=False)
+    assert torch.equal(adaptive.logits, fixed.logits)
+    assert (adaptive.num_loops == LOOPS).all()
+    prompt = ids[:1]
+    with torch.no_grad():
+        a = model.generate(prompt, num_loops=LOOPS, max_new_tokens=6, do_sample=False)
+        b = model.generate(prompt, num_loops=LOOPS, exit_threshold=0.0, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_tokens_exit_at_different_depths_and_compute_is_saved(model):
+    """Count the tokens each core block really processes: fewer than batch * tokens * loops."""
+    ids = torch.randint(3, 288, (2, 12))
+    threshold = _threshold_with_mixed_exits(model, ids)
+    processed = []
+    hooks = [block.register_forward_pre_hook(lambda m, args: processed.append(args[0].shape[:-1].numel()))
+             for block in model.model.core]
+    try:
+        with torch.no_grad():
+            out = model(ids, num_loops=LOOPS, exit_threshold=threshold, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    loops = out.num_loops
+    assert loops.shape == ids.shape and int(loops.min()) >= 1 and int(loops.max()) <= LOOPS
+    assert int(loops.min()) < LOOPS
+    full = ids.numel() * LOOPS * len(model.model.core)
+    assert sum(processed) < full
+    # packing slack aside, the work tracks the loops actually run
+    assert sum(processed) <= int(loops.sum()) * len(model.model.core) + full // 2
+
+
+def test_cached_decoding_equals_uncached_under_the_rule(model):
+    """Prefill 6 tokens, then feed the rest one at a time: logits and loops per token equal one uncached forward over
+    the whole sequence (skipped loops' cache slots hold the token's last computed keys/values)."""
+    ids = torch.randint(3, 288, (2, 14))
+    threshold = _threshold_with_mixed_exits(model, ids)
+    with torch.no_grad():
+        whole = model(ids, num_loops=LOOPS, exit_threshold=threshold, use_cache=False)
+        step = model(ids[:, :6], num_loops=LOOPS, exit_threshold=threshold, use_cache=True)
+        logits, loops = [step.logits], [step.num_loops]
+        cache = step.past_key_values
+        for t in range(6, ids.shape[1]):
+            step = model(ids[:, t: t + 1], num_loops=LOOPS, exit_threshold=threshold, past_key_values=cache,
+                         use_cache=True)
+            logits.append(step.logits)
+            loops.append(step.num_loops)
+    assert len(whole.num_loops.unique()) > 1  # tokens exit at different depths
+    assert torch.equal(torch.cat(loops, dim=1), whole.num_loops)
+    assert (torch.cat(logits, dim=1) - whole.logits).abs().max().item() <= 1e-5
+    assert len(cache.layers) == model.config.num_cache_slots(LOOPS)
+    assert all(layer.keys.shape[-2] == ids.shape[1] for layer in cache.layers)  # every slot of every token filled
+
+
+def test_batch_rows_exit_independently_and_equal_each_row_alone(model):
+    """Scoring and greedy generation of a left-padded batch equal each prompt run alone under the rule."""
+    prompts = [torch.randint(3, 288, (n,)) for n in (9, 5, 7)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), 2), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones(len(p), dtype=torch.long)])
+                        for p in prompts])
+    threshold = _threshold_with_mixed_exits(model, ids, mask)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, num_loops=LOOPS, exit_threshold=threshold, use_cache=False)
+        generated = model.generate(ids, attention_mask=mask, num_loops=LOOPS, exit_threshold=threshold,
+                                   max_new_tokens=8, do_sample=False)
+        for row, prompt in enumerate(prompts):
+            alone = model(prompt[None], num_loops=LOOPS, exit_threshold=threshold, use_cache=False)
+            real = mask[row].bool()
+            assert torch.equal(batch.num_loops[row][real], alone.num_loops[0])
+            assert (batch.logits[row][real] - alone.logits[0]).abs().max().item() <= 1e-5
+            alone_ids = model.generate(prompt[None], num_loops=LOOPS, exit_threshold=threshold, max_new_tokens=8,
+                                       do_sample=False)
+            assert torch.equal(generated[row, width:], alone_ids[0, len(prompt):])
+    per_row = [batch.num_loops[row][mask[row].bool()].float().mean() for row in range(len(prompts))]
+    assert len(set(round(float(x), 4) for x in per_row)) > 1  # rows really exit differently
+
+
+def test_bad_exit_threshold_is_refused(model):
+    ids = torch.randint(3, 288, (1, 4))
+    for bad in (-0.1, "0.1", True):
+        with pytest.raises(ValueError, match="exit_threshold"):
+            model(ids, exit_threshold=bad, use_cache=False)
+    with pytest.raises(ValueError, match="exit_threshold and output_depths"):
+        model(ids, exit_threshold=0.1, output_depths=(1, 2), use_cache=False)

@@ -1,0 +1,133 @@
+"""One-pass multi-depth forward (``output_depths``): every depth's logits equal a separate run at that depth, with and
+without padding, with a per-depth coda cache; ``parcae eval`` sweeps use it and give the per-depth results."""
+
+import pytest
+import torch
+
+DEPTHS = (1, 2, 4, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+
+    torch.manual_seed(0)
+    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_prelude_layers=1, num_core_layers=2, num_coda_layers=2, mean_recurrence=4,
+                          mean_backprop_depth=2, max_position_embeddings=64)
+    model = ParcaeForCausalLM(config).eval()
+    # trained-like dynamics: a random diagonal injection and non-zero output projections, so depths differ
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def _separate(model, depth, **kwargs):
+    with torch.no_grad():
+        return model(num_loops=depth, use_cache=False, **kwargs).logits
+
+
+def _assert_same(got, want, mask=None):
+    if mask is not None:
+        got, want = got[mask.bool()], want[mask.bool()]
+    assert (got - want).abs().max().item() <= 1e-5
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_every_depth_equals_a_separate_run(model):
+    ids = torch.randint(3, 288, (2, 12))
+    with torch.no_grad():
+        out = model(ids, output_depths=DEPTHS, use_cache=False)
+    assert len(out.depth_logits) == len(DEPTHS)
+    for depth, logits in zip(DEPTHS, out.depth_logits):
+        _assert_same(logits, _separate(model, depth, input_ids=ids))
+    _assert_same(out.logits, _separate(model, 16, input_ids=ids))
+    assert not torch.allclose(out.depth_logits[0], out.depth_logits[-1], atol=1e-3)  # depths really differ
+
+
+def test_every_depth_equals_a_separate_run_with_padding(model):
+    """Left padding (generation style) and right padding (scoring style) with an attention mask."""
+    ids = torch.randint(3, 288, (3, 10))
+    for mask in (torch.tensor([[0, 0, 0] + [1] * 7, [1] * 10, [0] * 5 + [1] * 5]),
+                 torch.tensor([[1] * 7 + [0] * 3, [1] * 10, [1] * 4 + [0] * 6])):
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, output_depths=(4, 1, 8), use_cache=False)
+        for depth, logits in zip((4, 1, 8), out.depth_logits):
+            _assert_same(logits, _separate(model, depth, input_ids=ids, attention_mask=mask), mask)
+
+
+def test_cached_continuation_at_every_depth(model):
+    """A prefix cached with ``output_depths`` (one coda slot set per depth) and continued gives each depth's logits
+    of the whole sequence run uncached: the path ``parcae eval`` uses to share a few-shot prefix across options."""
+    from modeling_parcae import ParcaeCache
+
+    ids = torch.randint(3, 288, (2, 14))
+    with torch.no_grad():
+        first = model(ids[:, :9], output_depths=(2, 8), use_cache=True)
+        cache = first.past_key_values
+        assert isinstance(cache, ParcaeCache) and len(cache.layers) == model.config.num_cache_slots(8) + 2
+        cache.batch_select_indices(torch.tensor([0, 0, 1]))  # two options of item 0, one of item 1
+        rows = ids[[0, 0, 1]].clone()
+        rows[1, 9:] = torch.randint(3, 288, (5,))
+        second = model(rows[:, 9:], output_depths=(2, 8), past_key_values=cache, use_cache=True)
+    for depth, logits in zip((2, 8), second.depth_logits):
+        _assert_same(logits, _separate(model, depth, input_ids=rows)[:, 9:])
+
+
+def test_bad_output_depths_are_refused(model):
+    from modeling_parcae import ParcaeCache
+
+    ids = torch.randint(3, 288, (1, 4))
+    for bad in ((), (0, 2), (2, 2), (1.5,), [True]):
+        with pytest.raises(ValueError, match="output_depths"):
+            model(ids, output_depths=bad, use_cache=False)
+    with pytest.raises(ValueError, match="num_loops=8.*output_depths"):
+        model(ids, output_depths=(1, 4), num_loops=8, use_cache=False)
+    with pytest.raises(ValueError, match="output_depths"):
+        model(ids, output_depths=(1, 4), past_key_values=ParcaeCache(model.config, num_loops=4))
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="evaluation"):
+            model(ids, output_depths=(1, 4))
+    finally:
+        model.eval()
+
+
+def test_eval_sweep_scores_every_depth_in_one_pass(bundle):
+    """``parcae eval`` with several depths: per-item scores equal single-depth runs, with one forward per batch for
+    all depths (forward calls counted) instead of one per depth."""
+    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+    from modeling_parcae.conversion.tokenizer import load_official_tokenizer
+    from modeling_parcae.eval.lm import ParcaeLM
+    from modeling_parcae.eval.runner import build_tasks, run_lm_eval
+
+    from conftest import FIXTURES
+
+    torch.manual_seed(1)
+    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_prelude_layers=1, num_core_layers=1, num_coda_layers=1, mean_recurrence=3,
+                          mean_backprop_depth=2, max_position_embeddings=128)
+    model = ParcaeForCausalLM(config).eval()
+    tokenizer = load_official_tokenizer(FIXTURES / "golden" / "tokenizer", 128)
+    tasks = build_tasks(["copa", "arc_easy", "lambada_openai", "winograd"], bundle, 4)
+    calls = []
+    model.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    single = {}
+    for depth in (1, 3):
+        lm = ParcaeLM(model, tokenizer=tokenizer, num_loops=depth, batch_size=8)
+        single[depth] = run_lm_eval(lm, tasks, seed=1234, log_samples=True)
+    single_calls = len(calls)
+    calls.clear()
+    lm = ParcaeLM(model, tokenizer=tokenizer, batch_size=8)
+    lm.sweep_depths = [1, 3]
+    for depth in (1, 3):
+        lm.num_loops = depth
+        swept = run_lm_eval(lm, tasks, seed=1234, log_samples=True)
+        for label, result in swept.items():
+            assert result["acc"] == single[depth][label]["acc"], (depth, label)
+            for mine, ref in zip(result["samples"], single[depth][label]["samples"]):
+                assert mine["mean_loss"] == pytest.approx(ref["mean_loss"], abs=1e-5)
+    assert 0 < len(calls) <= single_calls // 2
