@@ -22,6 +22,9 @@ BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip
 BUNDLE_SHA256 = "90a7c19e28ee7a52b4f6e1f87658deb9fde7f63deba2379045bdb1fe9ea5d200"
 ENV_BUNDLE = "PARCAE_EVAL_BUNDLE"
 ENV_CACHE = "PARCAE_CACHE"
+HOW_TO_POINT_AT_A_BUNDLE = (
+    f"point at an unpacked bundle with {ENV_BUNDLE}=DIR, `parcae eval --bundle DIR`, or for lm_eval "
+    "`--metadata '{\"bundle\": \"DIR\"}'` (DIR holds core.yaml, eval_meta_data.csv and eval_data/)")
 
 
 def default_cache_dir() -> Path:
@@ -48,8 +51,20 @@ def resolve_bundle(path: str | Path | None = None, *, url: str = BUNDLE_URL, sha
         return check_bundle_dir(os.environ[ENV_BUNDLE])
     target = Path(cache_dir or default_cache_dir()) / "eval_bundle"
     if not target.exists():
-        download_bundle(url, target, sha256)
+        if _offline():
+            raise FileNotFoundError(f"no CORE eval bundle is configured and HF_HUB_OFFLINE=1 forbids downloading it; "
+                                    f"{HOW_TO_POINT_AT_A_BUNDLE}")
+        try:
+            download_bundle(url, target, sha256)
+        except OSError as error:  # urllib's URLError included
+            raise FileNotFoundError(f"could not download the CORE eval bundle ({error}); "
+                                    f"{HOW_TO_POINT_AT_A_BUNDLE}") from None
     return check_bundle_dir(target)
+
+
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it: the switch users already set for "no network"."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
 
 
 def download_bundle(url: str, target: Path, sha256: str | None) -> Path:

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
                    "documents (default: everything)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations dtype")
     p.add_argument("--bundle", default=None, help="eval bundle directory (default: $PARCAE_EVAL_BUNDLE, else "
                    "download once into $PARCAE_CACHE or ~/.cache/parcae)")
     p.add_argument("--baselines", default="v1", choices=["v1", "v2"], help="random baselines for centering "

@@ -128,6 +128,15 @@ class ParcaeConfig(PreTrainedConfig):
             self.original_vocab_size = self.vocab_size
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Validate again once ``from_pretrained(path, num_loops=0)``-style overrides are applied: transformers sets
+        them as plain attributes after construction, past the class validators, and a bad value would otherwise
+        surface only in ``save_pretrained``, after it has written part of the directory."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate()
+        return result
+
     # ----------------------------------------------------------------------------------------------------------
     # validation (called by @strict after __post_init__)
     # ----------------------------------------------------------------------------------------------------------

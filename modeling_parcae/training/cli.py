@@ -26,13 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tokenizer.add_argument("--data", required=True,
                            help="local .txt/.jsonl/.parquet file or folder, or a Hub dataset id")
     tokenizer.add_argument("--name", default=None, help="Hub dataset configuration (e.g. sample-10BT)")
-    tokenizer.add_argument("--split", default="train")
+    tokenizer.add_argument("--split", default="train", help="split of a Hub dataset")
     tokenizer.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
-    tokenizer.add_argument("--text-column", default="text")
+    tokenizer.add_argument("--text-column", default="text", help="column holding the documents (jsonl/parquet/Hub)")
     tokenizer.add_argument("--sample-by", default="paragraph", choices=["line", "paragraph", "document"],
                            help="how plain-text files are cut into documents")
-    tokenizer.add_argument("--max-documents", type=int, default=None)
-    tokenizer.add_argument("--vocab-size", type=int, default=32768)
+    tokenizer.add_argument("--max-documents", type=int, default=None,
+                           help="train on at most this many documents (default: all)")
+    tokenizer.add_argument("--vocab-size", type=int, default=32768,
+                           help="tokens in the vocabulary, the 3 special tokens and 256 bytes included")
     tokenizer.add_argument("--output", required=True, help="folder for the transformers tokenizer files")
     tokenizer.set_defaults(func=_run_train_tokenizer)
 
