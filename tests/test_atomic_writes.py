@@ -179,3 +179,32 @@ def test_eval_report_is_replaced_atomically(tmp_path):
         write_atomically(report, dies_half_way)
     assert report.read_text() == '{"old": true}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_next_training_run_cleans_what_a_killed_run_left_and_reports_validation(tmp_path):
+    """A killed run left a half-written checkpoint temporary and a half-written final/ staging folder: the next run
+    removes both, prints its validation loss on the console and writes a complete final model (tokenizer included)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    output = tmp_path / "run"
+    (output / "checkpoints" / ".tmp-step-00000002").mkdir(parents=True)
+    (output / "checkpoints" / ".tmp-step-00000002" / "model.safetensors").write_bytes(b"half")
+    (output / f".final.partial-{DEAD_PID}-abc").mkdir()
+    (output / f".final.partial-{DEAD_PID}-abc" / "modeling_parcae.py").write_text("# only the remote code")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_parcae.cli", "train", "tiny-cpu", f"output_dir={output}",
+         "training.max_steps=2", "eval.every_steps=1", "eval.depths=[1,2]", "checkpoint.every_steps=100"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 1 validation: loss@1 " in result.stdout and "step 2 validation: loss@1 " in result.stdout
+    assert not (output / "checkpoints" / ".tmp-step-00000002").exists()
+    assert not (output / f".final.partial-{DEAD_PID}-abc").exists()
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+    final = {p.name for p in (output / "final").iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_parcae.py", "tokenizer.json", "tokenizer_config.json"} <= final
+    config = json.loads((output / "final" / "tokenizer_config.json").read_text())
+    assert config.get("eos_token") == "<|eos|>"

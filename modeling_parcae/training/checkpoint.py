@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from modeling_parcae.atomic import atomic_directory
+from modeling_parcae.atomic import atomic_directory, remove_abandoned_staging
 from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -38,14 +38,26 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def remove_temporaries(directory: Path) -> None:
+    """Delete the ``.tmp-*`` folders a crash during an earlier save left in ``directory``."""
+    for stale in directory.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """What a killed run left half-written in ``output_dir``: checkpoint temporaries and the final model's staging
+    folder. Called when the next run starts, before anything else is written there."""
+    remove_temporaries(output_dir / "checkpoints")
+    remove_abandoned_staging(output_dir / "final")
+
+
 def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep_last: int) -> Path:
     """``accelerator.save_state`` into ``directory/step-XXXXXXXX`` atomically, keeping the newest ``keep_last``."""
     final = directory / checkpoint_name(step)
     temporary = directory / f".tmp-{checkpoint_name(step)}"
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(".tmp-*"):  # left over by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_temporaries(directory)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset, load_tokenizer
 
 from modeling_parcae.atomic import write_atomically
+from modeling_parcae.inputs import local_path_or_hub_id
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
-from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint, save_final_model
+from modeling_parcae.training.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, save_final_model
 from modeling_parcae.training.data import RowStream, build_training_data
 from modeling_parcae.training.distributed import enable_fsdp_on_cpu, prepare_model_and_optimizers
 from modeling_parcae.training.evaluation import validation_metrics
@@ -112,8 +113,10 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
             f"whole micro-batches of training.micro_batch_size ({settings.micro_batch_size})"
         )
     resume_from = _resolve_resume(resume, checkpoints)
+    if process.is_main_process:
+        remove_leftovers(output_dir)
 
-    tokenizer = load_tokenizer(recipe.tokenizer)
+    tokenizer = load_tokenizer(local_path_or_hub_id(recipe.tokenizer, "tokenizer"))
     rows, validation_documents = build_training_data(recipe.data, tokenizer, recipe.seed, process.main_process_first)
     set_seed(recipe.seed)
     model = build_model(recipe.model, tokenizer)
