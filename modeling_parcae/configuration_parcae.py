@@ -64,13 +64,17 @@ class ParcaeConfig(PreTrainedConfig):
 
     model_type = "parcae"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism shards the MLPs of every stage (transformers matches ``<stage>.<digit>.`` as ``<stage>.*.``).
+    # Attention stays replicated: value embeddings are added to ``v`` per kv head, and transformers' embedding styles
+    # gather an embedding's output to every rank, so a head-sharded ``v_proj`` would meet a full-width value
+    # embedding. Sharding attention needs an embedding style whose output stays sharded by head.
     base_model_tp_plan = {
-        "*.self_attn.q_proj": "colwise",
-        "*.self_attn.k_proj": "colwise",
-        "*.self_attn.v_proj": "colwise",
-        "*.self_attn.o_proj": "rowwise",
-        "*.mlp.up_proj": "colwise",
-        "*.mlp.down_proj": "rowwise",
+        "prelude.*.mlp.up_proj": "colwise",
+        "prelude.*.mlp.down_proj": "rowwise",
+        "core.*.mlp.up_proj": "colwise",
+        "core.*.mlp.down_proj": "rowwise",
+        "coda.*.mlp.up_proj": "colwise",
+        "coda.*.mlp.down_proj": "rowwise",
     }
 
     vocab_size: int = 32768

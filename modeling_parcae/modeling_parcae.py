@@ -777,6 +777,8 @@ class ParcaeModel(ParcaePreTrainedModel):
         Without padding the count equals ``arange``, so the mask path needs no host sync to decide anything.
         """
         limit = self.config.max_position_embeddings
+        if self.rotary_emb.rope_type != "default":
+            limit = math.inf  # a scaled RoPE (linear, dynamic, yarn, ...) is the user's request for a longer context
         if past_length + seq_len > limit:
             raise ValueError(
                 f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "

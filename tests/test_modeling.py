@@ -284,7 +284,7 @@ def test_hidden_states_are_prelude_then_each_loop_then_coda():
 
 def _run_coda(base_model, hidden):
     positions = torch.arange(hidden.shape[1])[None]
-    embeddings = base_model.rotary_emb(positions)
+    embeddings = base_model.rotary_emb(hidden, positions)
     for block in base_model.coda:
         hidden = block(hidden, attention_mask=None, position_embeddings=embeddings)
     return hidden
