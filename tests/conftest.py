@@ -16,6 +16,8 @@ from modeling_parcae.conversion.key_map import official_config_to_parcae_config,
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
+# ~50 KB of tinyshakespeare, shipped with the package as the data of the tiny-cpu recipe
+EXCERPT = REPO_ROOT / "configuration" / "recipes" / "data" / "tinyshakespeare_excerpt.txt"
 SHARED = Path(os.environ.get("PARCAE_SHARED", REPO_ROOT.parent / "shared"))
 PARCAE_CASES = ("released_style", "linear_oddcore", "additive_4head")
 
@@ -131,4 +133,4 @@ def bundle() -> Path:
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
-    return (FIXTURES / "tinyshakespeare_excerpt.txt").read_text()
+    return EXCERPT.read_text()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import EXCERPT, FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_cli_end_to_end(bundle, tiny_dir, tmp_path, caplog):
 
     out = tmp_path / "run" / "tiny.json"
     text = tmp_path / "val.txt"
-    text.write_text((FIXTURES / "tinyshakespeare_excerpt.txt").read_text()[:4000])
+    text.write_text(EXCERPT.read_text()[:4000])
     with caplog.at_level(logging.WARNING):
         code = main(["eval", "--model", str(tiny_dir), "--tasks", "copa,winograd,lambada_openai,hellaswag,bpb",
                      "--num-loops", "1,2", "--limit", "5", "--seeds", "1234,2345", "--bundle", str(bundle),

@@ -12,10 +12,9 @@ from transformers import (
     AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments,
 )
 
-from conftest import FIXTURES, REPO_ROOT
+from conftest import EXCERPT, REPO_ROOT
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
 
-EXCERPT = FIXTURES / "tinyshakespeare_excerpt.txt"
 TOKENIZER = REPO_ROOT / "configuration" / "recipes" / "tokenizer-tiny"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, REPO_ROOT
+from conftest import EXCERPT, REPO_ROOT
 from modeling_parcae.cli import build_parser
 from modeling_parcae.cli import main as parcae_main
 
@@ -72,7 +72,7 @@ def test_bad_yaml_override_is_one_line(capsys):
     [
         (["convert", "./no/such/checkpoint", "out"], "convert", "SRC"),
         (["push", "./no/such/checkpoint", "me/model"], "push", "SRC"),
-        (["eval", "--model", "./no/such/model", "--tasks", "bpb", "--text", str(FIXTURES / "tinyshakespeare_excerpt.txt")],
+        (["eval", "--model", "./no/such/model", "--tasks", "bpb", "--text", str(EXCERPT)],
          "eval", "--model"),
         (["generate", "--model", "no/such/model/dir", "Hi"], "generate", "--model"),
         (["train", "tiny-cpu", "data.path=missing/corpus.txt"], "train", "data"),

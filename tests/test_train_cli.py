@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FIXTURES, REPO_ROOT
+from conftest import EXCERPT, FIXTURES, REPO_ROOT
 from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint
 from modeling_parcae.training.data import build_training_data, packing_function
 from modeling_parcae.training.optim import (
@@ -27,7 +27,6 @@ from modeling_parcae.training.optim import (
 from modeling_parcae.training.recipe import DataRecipe, TrainingRecipe, bundled_recipe_path, load_recipe
 
 ROOT = REPO_ROOT
-EXCERPT = FIXTURES / "tinyshakespeare_excerpt.txt"
 TINY_TOKENIZER = ROOT / "configuration" / "recipes" / "tokenizer-tiny"
 GOLDEN_TOKENIZER = FIXTURES / "golden" / "tokenizer" / "tokenizer.json"
 BUNDLED = ["tiny-cpu", "parcae-140m", "parcae-370m", "parcae-770m", "parcae-1.3b",
