@@ -278,3 +278,39 @@ def test_lm_eval_offline_without_bundle_explains_how_to_point_at_one(tmp_path, m
     assert "HF_HUB_OFFLINE=1 forbids downloading" in message
     assert "PARCAE_EVAL_BUNDLE=DIR" in message and "--metadata" in message
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `parcae --help` stays light
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["--help"], ["--version"], []], ids=["help", "version", "bare"])
+def test_top_level_help_imports_neither_torch_nor_transformers(tmp_path, args):
+    """The installed console script answers without loading the heavy libraries (`-X importtime` lists every
+    module imported), so `parcae --help` is instant instead of seconds."""
+    script = Path(sys.executable).parent / "parcae"
+    result = subprocess.run([sys.executable, "-X", "importtime", str(script), *args], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == (2 if not args else 0), result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "parcae_command" in imported
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "transformers", "modeling_parcae")}
+    if args == ["--help"]:
+        assert "train-tokenizer" in result.stdout and "parcae COMMAND --help" in result.stdout
+
+
+def test_front_door_lists_the_help_the_subcommands_register():
+    from parcae_command import COMMAND_HELP
+
+    registered = {}
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for choice in action._choices_actions:
+        registered[choice.dest] = choice.help
+    assert registered == COMMAND_HELP
+
+
+def test_subcommands_still_reach_their_module_through_the_console_script(tmp_path):
+    script = Path(sys.executable).parent / "parcae"
+    result = subprocess.run([str(script), "generate", "--temperature", "-1", "Hi"], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert "--temperature must be >= 0" in one_error_line(result, "generate")
