@@ -162,6 +162,13 @@ def test_metrics_are_truncated_to_the_checkpoint_on_resume(tmp_path):
         truncate_metrics(path, step=4)
 
 
+def test_a_run_never_silently_restarts_over_existing_checkpoints(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints" / "step-00000004").mkdir(parents=True)
+    assert parcae_main(["train", "tiny-cpu", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "already holds checkpoints: pass --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # parcae eval: reports are replaced atomically
 # ---------------------------------------------------------------------------------------------------------------
