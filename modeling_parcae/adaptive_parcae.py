@@ -105,10 +105,11 @@ def adaptive_iterate(
     loops = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     for loop in range(num_loops):
         slots = [block.cache_slot(loop) for block in model.core]
-        if not bool(active.any()):
+        n_active = int(active.sum())  # one host sync per loop decides the path
+        if n_active == 0:
             latest.fill_skipped(slots)
             continue
-        if bool(active.all()):
+        if n_active == active.numel():
             latest.rows = latest.tokens = None
             hidden = model.injection(state, embeds)
             for index, block in enumerate(model.core):
@@ -141,8 +142,8 @@ def adaptive_iterate(
             valid = tokens >= 0
             new_state = state.clone()
             new_state[rows[:, None].expand_as(tokens)[valid], tokens[valid]] = hidden[valid]
-        change = (new_state.float() - state.float()).norm(dim=-1) / new_state.float().norm(dim=-1).clamp_min(1e-30)
-        loops += active.long()
-        state = torch.where(active[..., None], new_state, state)
-        active = active & ~(change < exit_threshold)
+        change = (new_state - state).float().norm(dim=-1) / new_state.float().norm(dim=-1).clamp_min(1e-30)
+        loops += active
+        state = new_state  # exited tokens were copied unchanged into ``new_state``
+        active = active & (change >= exit_threshold)
     return state, loops

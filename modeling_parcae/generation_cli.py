@@ -1,4 +1,6 @@
-"""``parcae generate``: stream a continuation, or compare loop depths side by side.
+"""``parcae generate``: stream a continuation, or compare loop depths side by side; optionally with per-token adaptive
+depth (``--exit-threshold``) or the bounded KV cache (``--kv-mode shared``). Each run reports tokens/s, mean loops per
+generated token and the KV cache size.
 
 Everything that can be checked cheaply (loop counts, the model path, the prompt length) is checked before the weights
 are loaded or any forward runs.
@@ -54,7 +56,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    parser.add_argument("--exit-threshold", type=float, default=None, help="per-token adaptive depth: a token stops "
+                        "looping once ||h_t - h_{t-1}|| / ||h_t|| < THRESHOLD, capped by the loop count (default: off)")
+    parser.add_argument("--kv-mode", choices=sorted(KV_MODES), default="exact", help="exact: one cache slot per loop "
+                        "(default); shared: core slots shared by all loops, memory independent of the loop count "
+                        "(later tokens read the last loop's keys/values; an approximation)")
     parser.set_defaults(func=run)
+
+
+KV_MODES = {"exact": "ParcaeCache", "shared": "ParcaeSharedLoopCache"}
+
+
+class LoopCounter:
+    """Mean loops per generated token: reads ``num_loops`` of every one-token decode step of ``generate`` (a hook on
+    the base model; per token under an exit threshold, per forward otherwise)."""
+
+    def __init__(self, model):
+        self.loops, self.tokens = 0, 0
+        self.handle = model.model.register_forward_hook(self._record)
+
+    def _record(self, module, args, output) -> None:
+        hidden = output.last_hidden_state
+        if hidden.shape[1] != 1:  # the prompt's prefill is not a generated token
+            return
+        loops = output.num_loops
+        self.loops += int(loops.sum()) if loops.numel() == hidden.shape[0] else int(loops.flatten()[0]) * hidden.shape[0]
+        self.tokens += hidden.shape[0]
+
+    def close(self) -> float:
+        """Remove the hook; the mean loops per generated token seen so far."""
+        self.handle.remove()
+        return self.loops / max(self.tokens, 1)
+
+
+def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_threshold: float | None, kv_mode: str,
+                        **kwargs) -> tuple:
+    """``model.generate`` with the chosen depth rule and cache; returns (output, tokens/s, mean loops per generated
+    token, cache MiB)."""
+    import modeling_parcae.cache_parcae as caches
+
+    cache = getattr(caches, KV_MODES[kv_mode])(model.config, num_loops=num_loops)
+    extra = {} if exit_threshold is None else {"exit_threshold": exit_threshold}
+    counter = LoopCounter(model)
+    start = time.perf_counter()
+    try:
+        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_loops=num_loops,
+                                past_key_values=cache, return_dict_in_generate=True, **extra, **kwargs)
+    finally:
+        mean_loops = counter.close()
+    seconds = time.perf_counter() - start
+    new_tokens = output.sequences.shape[1] - prompt_ids.shape[1]
+    return output, new_tokens / seconds, mean_loops, cache.memory_bytes() / 2**20
+
+
+def _report(output, tok_per_s: float, mean_loops: float, mib: float) -> str:
+    slots = len(output.past_key_values.layers)
+    return f"{tok_per_s:7.1f} tok/s   {mean_loops:5.2f} loops/token   KV cache: {slots} slots, {mib:.2f} MiB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     check_prompt(args.prompt)
     check_sampling(args.temperature, args.top_p, args.top_k)
     check_device(args.device)
+    if args.exit_threshold is not None and not args.exit_threshold >= 0:
+        raise ValueError(f"--exit-threshold must be >= 0 (0 never exits early), got {args.exit_threshold}")
     model_path = _resolve_model(args.model)
 
     tokenizer = load_tokenizer(model_path)
@@ -91,23 +150,18 @@ def run(args: argparse.Namespace) -> int:
     if loop_counts is None:
         streamer = TextStreamer(tokenizer, skip_special_tokens=True)
         torch.manual_seed(args.seed)
-        model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), streamer=streamer,
-                       num_loops=args.num_loops or config.num_loops, **sampling)
+        stats = generate_with_stats(model, prompt_ids, args.num_loops or config.num_loops, args.exit_threshold,
+                                    args.kv_mode, streamer=streamer, **sampling)
+        print(f"\n--- {_report(*stats)}")
         return 0
 
     print(f"prompt: {args.prompt!r}   ({args.max_new_tokens} new tokens, {_describe(sampling)})")
     model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=1)  # warm-up, untimed
     for loops in loop_counts:
         torch.manual_seed(args.seed)
-        start = time.perf_counter()
-        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_loops=loops,
-                                return_dict_in_generate=True, **sampling)
-        seconds = time.perf_counter() - start
-        new_tokens = output.sequences.shape[1] - prompt_ids.shape[1]
-        cache = output.past_key_values
-        text = tokenizer.decode(output.sequences[0, prompt_ids.shape[1]:], skip_special_tokens=True)
-        print(f"\n--- num_loops={loops:<3} {new_tokens / seconds:7.1f} tok/s   KV cache: {len(cache.layers)} slots, "
-              f"{cache.memory_bytes() / 2**20:.2f} MiB")
+        stats = generate_with_stats(model, prompt_ids, loops, args.exit_threshold, args.kv_mode, **sampling)
+        text = tokenizer.decode(stats[0].sequences[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+        print(f"\n--- num_loops={loops:<3} {_report(*stats)}")
         print(args.prompt + text)
     return 0
 
