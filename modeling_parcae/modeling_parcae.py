@@ -29,7 +29,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .adaptive_parcae import adaptive_iterate, validate_exit_threshold
-from .cache_parcae import ParcaeCache
+from .cache_parcae import ParcaeCache, ParcaeStaticCache
 from .configuration_parcae import ParcaeConfig, validate_num_loops
 
 
@@ -965,8 +965,16 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         if generation_config.use_cache is False:
             return
         num_loops = model_kwargs.get("num_loops")
-        num_loops = self.config.num_loops if num_loops is None else num_loops
-        model_kwargs["past_key_values"] = ParcaeCache(self.config, num_loops=sum(resolve_loop_count(num_loops)))
+        num_loops = sum(resolve_loop_count(self.config.num_loops if num_loops is None else num_loops))
+        implementation = generation_config.cache_implementation
+        if implementation == "static":
+            length = max(max_cache_length, generation_config.max_cache_len or 0)
+            model_kwargs["past_key_values"] = ParcaeStaticCache(self.config, max_cache_len=length, num_loops=num_loops)
+        elif implementation in (None, "dynamic"):
+            model_kwargs["past_key_values"] = ParcaeCache(self.config, num_loops=num_loops)
+        else:
+            raise ValueError(f"cache_implementation={implementation!r} is not available for Parcae: use 'dynamic' "
+                             "(default) or 'static' (ParcaeStaticCache, for torch.compile)")
 
 
 __all__ = ["ParcaeForCausalLM", "ParcaeModel", "ParcaePreTrainedModel", "ParcaeCache"]
