@@ -19,8 +19,7 @@ from pathlib import Path
 def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``destination``; on success it becomes ``destination``, on error it vanishes."""
     destination = Path(destination).absolute()
-    if destination.exists() and not overwrite and not _is_empty_dir(destination):
-        raise FileExistsError(f"{destination} already exists (pass --overwrite to replace it)")
+    check_replaceable(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(destination)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-{os.getpid()}-", dir=destination.parent))
@@ -46,6 +45,13 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_replaceable(destination: str | Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty ``destination`` unless ``overwrite``; call it before long work, too."""
+    destination = Path(destination).absolute()
+    if destination.exists() and not overwrite and not _is_empty_dir(destination):
+        raise FileExistsError(f"{destination} already exists (pass --overwrite to replace it)")
 
 
 def check_not_overlapping(source: str | Path, destination: str | Path) -> None:

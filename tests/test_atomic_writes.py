@@ -215,3 +215,19 @@ def test_next_training_run_cleans_what_a_killed_run_left_and_reports_validation(
     assert {"model.safetensors", "config.json", "modeling_parcae.py", "tokenizer.json", "tokenizer_config.json"} <= final
     config = json.loads((output / "final" / "tokenizer_config.json").read_text())
     assert config.get("eos_token") == "<|eos|>"
+
+
+def test_trained_tokenizer_folder_is_complete_or_absent_and_never_replaced_silently(tmp_path, capsys):
+    from conftest import EXCERPT
+
+    output = tmp_path / "tok"
+    output.mkdir()
+    (output / "mine.txt").write_text("keep")
+    args = ["train-tokenizer", "--data", str(EXCERPT), "--vocab-size", "300",
+            "--output", str(output)]
+    assert parcae_main(args) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in output.iterdir()] == ["mine.txt"]
+    assert parcae_main([*args, "--overwrite"]) == 0
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in output.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no staging folder left next to it

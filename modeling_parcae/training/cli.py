@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="train on at most this many documents (default: all)")
     tokenizer.add_argument("--vocab-size", type=int, default=32768,
                            help="tokens in the vocabulary, the 3 special tokens and 256 bytes included")
-    tokenizer.add_argument("--output", required=True, help="folder for the transformers tokenizer files")
+    tokenizer.add_argument("--output", required=True, help="folder for the transformers tokenizer files (written "
+                                                         "complete or not at all)")
+    tokenizer.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output folder")
     tokenizer.set_defaults(func=_run_train_tokenizer)
 
 
@@ -55,6 +57,6 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     documents = load_documents(args.data, args.name, args.split, args.streaming, args.sample_by)
     check_text_column(documents, args.text_column, args.data)
     tokenizer = train_tokenizer(iter_texts(documents, args.text_column, args.max_documents), args.vocab_size,
-                                args.output)
+                                args.output, overwrite=args.overwrite)
     print(f"tokenizer with {len(tokenizer)} tokens saved to {args.output}")
     return 0

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from modeling_parcae.atomic import atomic_directory, check_replaceable
+
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 SPLIT_PATTERN = (
     r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
@@ -31,8 +33,11 @@ def empty_parcae_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Train on ``texts`` and save a transformers tokenizer folder; returns the loaded fast tokenizer."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Path,
+                    overwrite: bool = False) -> PreTrainedTokenizerFast:
+    """Train on ``texts`` and save a transformers tokenizer folder (complete or not at all; an existing non-empty
+    folder only with ``overwrite``); returns the fast tokenizer."""
+    check_replaceable(output_dir, overwrite)
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
         raise ValueError(f"vocab_size must be at least {minimum} (3 special tokens + 256 bytes), got {vocab_size}")
@@ -46,7 +51,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Pat
         tokenizer_object=tokenizer, bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[1],
         pad_token=SPECIAL_TOKENS[2], add_bos_token=False, add_eos_token=False,
     )
-    fast.save_pretrained(str(output_dir))
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        fast.save_pretrained(str(staging))
     return fast
 
 
