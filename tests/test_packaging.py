@@ -65,6 +65,16 @@ def test_eval_task_files_ship_in_the_wheel(installed):
     assert len(tasks) == len(list((REPO_ROOT / "eval" / "tasks").rglob("*.yaml"))) > 0
 
 
+def test_bundled_recipe_finds_its_data_and_tokenizer_outside_the_checkout(installed):
+    script = ("from modeling_parcae.training.recipe import load_recipe; import os; r = load_recipe('tiny-cpu'); "
+              "print(r.data.path, r.tokenizer, os.path.isfile(r.data.path), os.path.isdir(r.tokenizer))")
+    result = run(installed, "-c", script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data, tokenizer, *found = result.stdout.split()
+    assert found == ["True", "True"]
+    assert data.startswith(str(installed["target"])) and tokenizer.startswith(str(installed["target"]))
+
+
 def test_the_wheel_carries_the_demo_model_and_generates_offline(installed):
     demo = installed["target"] / "modeling_parcae" / "demo"
     assert (demo / "model.safetensors").exists(), "the bundled demo model is not in the wheel"
