@@ -10,6 +10,7 @@ import inspect
 import torch
 
 from modeling_parcae.dtypes import torch_dtype
+from modeling_parcae.inputs import naming_damaged_weights
 
 
 def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float32"):
@@ -20,7 +21,8 @@ def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float
     from modeling_parcae.conversion.hub import load_tokenizer, maybe_convert_official
 
     source = maybe_convert_official(path) or path
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype)).to(device).eval()
+    with naming_damaged_weights(source):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype)).to(device).eval()
     tokenizer = load_tokenizer(path)
     return model, tokenizer
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from modeling_parcae.configuration_parcae import validate_num_loops
-from modeling_parcae.inputs import check_device, local_path_or_hub_id
+from modeling_parcae.inputs import check_device, local_path_or_hub_id, naming_damaged_weights
 from modeling_parcae.dtypes import DTYPES, torch_dtype
 
 
@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             f"maximum context of {limit} positions"
         )
 
-    model = ParcaeForCausalLM.from_pretrained(model_path, dtype=torch_dtype(args.dtype)).to(args.device).eval()
+    with naming_damaged_weights(model_path):
+        model = ParcaeForCausalLM.from_pretrained(model_path, dtype=torch_dtype(args.dtype)).to(args.device).eval()
     prompt_ids = prompt_ids.to(args.device)
     sampling = _sampling_kwargs(args)
     if loop_counts is None:

@@ -98,6 +98,24 @@ def test_truncated_report_is_named_by_compare(tmp_path, capsys):
     assert f"report {cut} is not valid JSON (line 1, column" in line and "truncated" in line
 
 
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_truncated_weights_are_named_when_loading_a_model(tmp_path, capsys, command):
+    import shutil
+
+    from modeling_parcae.generation_cli import bundled_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_model_path(), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    text = tmp_path / "docs.txt"
+    text.write_text("To be, or not to be.\n")
+    args = (["generate", "--model", str(model), "Hi"] if command == "generate" else
+            ["eval", "--model", str(model), "--tasks", "bpb", "--text", str(text)])
+    line = one_error_line(in_process(capsys, *args), command)
+    assert f"{weights} is truncated or corrupt" in line
+
+
 def test_compare_names_the_tasks_it_drops(tmp_path, capsys):
     def report(tasks: dict) -> Path:
         path = tmp_path / f"{len(tasks)}.json"
