@@ -1,9 +1,11 @@
-"""FSDP2 on CPU processes (gloo): the sharded code path of the big runs, exercised on a laptop and in CI.
+"""FSDP2 with the official two-optimizer routing, on GPUs and on CPU processes (gloo) alike.
 
-Accelerate turns an FSDP launch into FSDP only on GPU-like devices (``AcceleratorState`` checks the device list);
-with ``cpu=True`` it silently falls back to plain multi-CPU data parallelism and ignores the plugin. PyTorch's
-``fully_shard`` itself runs on a CPU device mesh over gloo, so on a machine without an accelerator the FSDP plugin
-that ``accelerate launch`` described (``ACCELERATE_USE_FSDP``/``FSDP_*``) is put back into the state by hand.
+Two gaps of Accelerate are closed here. It turns an FSDP launch into FSDP only on GPU-like devices
+(``AcceleratorState`` checks the device list): with ``cpu=True`` it silently falls back to multi-CPU data parallelism
+and ignores the plugin, although PyTorch's ``fully_shard`` runs on a CPU device mesh over gloo; so the plugin that
+``accelerate launch`` described (``ACCELERATE_USE_FSDP``/``FSDP_*``) is put back into the state by hand. And its FSDP
+checkpointing pairs optimizer ``i`` with model ``i``, so Muon + AdamW on one model are saved through torch's
+distributed state-dict API instead (:class:`ShardedOptimizerState`).
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     if total_steps < 1:
         raise ValueError("training.max_tokens is smaller than one global batch")
     model, optimizers = prepare_model_and_optimizers(accelerator, model, lambda m: build_optimizers(m, settings))
-    # on the bare optimizers: Accelerate's wrappers would step the schedules once per process
+    # the schedules drive the torch optimizers themselves, not Accelerate's wrappers around them
     schedulers = build_schedulers([getattr(o, "optimizer", o) for o in optimizers], settings, total_steps)
     base_model = accelerator.unwrap_model(model).base_model
     state = TrainState(rows, base_model)
