@@ -10,7 +10,7 @@ This file is part of the remote code copied next to saved checkpoints: it import
 """
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
 
 from .configuration_parcae import ParcaeConfig, validate_num_loops
 
@@ -95,4 +95,32 @@ class ParcaeSharedLoopCache(ParcaeCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
-__all__ = ["ParcaeCache", "ParcaeSharedLoopCache"]
+class ParcaeStaticCache(ParcaeCache, StaticCache):
+    """Pre-allocated KV cache with the looped slot layout: ``prelude + num_loops * core + coda`` transformers
+    ``StaticLayer`` slots of ``max_cache_len`` positions each, written in place.
+
+    Fixed shapes and addresses make the decode step compilable (``torch.compile``, CUDA graphs). It is a
+    ``StaticCache`` for ``generate``'s purposes; ``generate(cache_implementation="static")`` builds one.
+    """
+
+    def __init__(self, config: ParcaeConfig, max_cache_len: int, num_loops: int | None = None):
+        num_loops = config.num_loops if num_loops is None else num_loops
+        validate_num_loops(num_loops)
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
+        self.num_loops = num_loops
+        self.output_depths = None
+        self.max_cache_len = max_cache_len
+        # Cache.__init__ directly: StaticCache.__init__ would lay out one slot per configured layer
+        Cache.__init__(self, layers=[StaticLayer(max_cache_len) for _ in range(config.num_cache_slots(num_loops))])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0 and not torch.compiler.is_compiling():
+            cached = int(self.get_seq_length())
+            if cached + key_states.shape[-2] > self.max_cache_len:
+                raise ValueError(f"ParcaeStaticCache holds {self.max_cache_len} positions: {cached} cached + "
+                                 f"{key_states.shape[-2]} new do not fit; build it with a larger max_cache_len")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+__all__ = ["ParcaeCache", "ParcaeSharedLoopCache", "ParcaeStaticCache"]
