@@ -74,6 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress output
+    from modeling_parcae.configuration_parcae import validate_num_loops
     from modeling_parcae.eval.aggregate import markdown_table, plot
     from modeling_parcae.eval.bpb import read_documents
     from modeling_parcae.eval.bundle import resolve_bundle
@@ -82,6 +83,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from modeling_parcae.eval.specs import GROUPS, resolve_task_names
 
     check_device(args.device)
+    for depth in args.num_loops or []:
+        validate_num_loops(depth, "--num-loops")
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     want_bpb = "bpb" in names
     labels = resolve_task_names([n for n in names if n != "bpb"])

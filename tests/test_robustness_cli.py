@@ -162,6 +162,12 @@ def test_eval_limit_must_be_positive(capsys, limit):
     assert code == 2 and "--limit: expected a positive integer" in err
 
 
+def test_eval_refuses_a_loop_count_below_one_before_loading(capsys):
+    line = one_error_line(in_process(capsys, "eval", "--model", "./no/such/model", "--num-loops", "0,2", "--tasks",
+                                     "bpb", "--text", str(EXCERPT)), "eval")
+    assert "--num-loops must be >= 1, got 0" in line
+
+
 def test_limit_means_the_first_n_for_tasks_and_bpb(tmp_path):
     from modeling_parcae.eval.bpb import read_documents
     from modeling_parcae.eval.procedure import load_items
