@@ -8,7 +8,7 @@ cached); the remote-code copy of the class saved next to checkpoints does not.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from modeling_parcae.cache_parcae import ParcaeCache, ParcaeSharedLoopCache
+from modeling_parcae.cache_parcae import ParcaeCache, ParcaeSharedLoopCache, ParcaeStaticCache
 from modeling_parcae.configuration_parcae import ParcaeConfig
 from modeling_parcae.conversion.hub import from_pretrained_or_official, load_tokenizer
 from modeling_parcae.modeling_parcae import ParcaeForCausalLM, ParcaeModel, ParcaePreTrainedModel
@@ -32,6 +32,7 @@ __all__ = [
     "ParcaeForCausalLM",
     "ParcaeModel",
     "ParcaePreTrainedModel",
+    "ParcaeStaticCache",
     "ParcaeSharedLoopCache",
     "list_presets",
     "load_preset",
