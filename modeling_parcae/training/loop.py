@@ -155,7 +155,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     accelerator.init_trackers(recipe.run_name, config=_flat_hparams(recipe_to_dict(recipe)))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+        write_atomically(output_dir / "recipe.yaml", lambda temporary: temporary.write_text(text))
     config = accelerator.unwrap_model(model).config
     eval_depths = recipe.eval.depths if config.looped else None
     byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)
