@@ -92,25 +92,6 @@ def heldout(model, tokenizer, rows, *, depths=None, threshold=None, batch_size=1
     return result
 
 
-class LoopCounter:
-    """Mean loops per generated token: reads ``num_loops`` of every one-token decode step of ``generate``."""
-
-    def __init__(self, model):
-        self.loops, self.tokens = 0, 0
-        self.handle = model.model.register_forward_hook(self._record)
-
-    def _record(self, module, args, output) -> None:
-        loops = output.num_loops
-        if output.last_hidden_state.shape[1] == 1:  # decode steps only (the prompt is not a generated token)
-            count = output.last_hidden_state.shape[0]
-            self.loops += int(loops.sum()) if loops.numel() == count else int(loops.flatten()[0]) * count
-            self.tokens += count
-
-    def close(self) -> float:
-        self.handle.remove()
-        return self.loops / max(self.tokens, 1)
-
-
 def prompts(tokenizer, rows, batch: int, length: int = 12):
     from modeling_parcae.scoring import pad_id_of
 
@@ -122,6 +103,8 @@ def prompts(tokenizer, rows, batch: int, length: int = 12):
 @torch.inference_mode()
 def decode(model, ids, mask, new_tokens: int, threshold: float | None) -> tuple[float, torch.Tensor, float]:
     """(seconds, generated tokens, mean loops per generated token) of one greedy ``generate``."""
+    from modeling_parcae.generation_cli import LoopCounter
+
     counter = LoopCounter(model)
     kwargs = {} if threshold is None else {"exit_threshold": threshold}
     start = time.perf_counter()

@@ -13,6 +13,7 @@ from one pass per batch and remembered, so later calls at the other depths cost 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from lm_eval.api.model import LM
@@ -85,6 +86,8 @@ class ParcaeLM(LM):
         # depth sweep: every depth of ``sweep_depths`` is scored from one pass and remembered per row
         self.sweep_depths: list[int] | None = None
         self._remembered: dict[tuple, dict[int | None, RowScore]] = {}
+        # the cache a shared few-shot prefix is stored in (None: the model's own exact cache)
+        self.prefix_cache: Callable[[], object] | None = None
 
     @property
     def tokenizer_name(self) -> str:
@@ -126,7 +129,8 @@ class ParcaeLM(LM):
         if todo:
             depths = list(sweep) if sweep else [depth]
             scored = score_documents(self.model, todo, pad_id_of(self.tokenizer), depths, self.batch_size,
-                                     self.max_length, desc=desc, disable_tqdm=disable_tqdm)
+                                     self.max_length, desc=desc, disable_tqdm=disable_tqdm,
+                                     prefix_cache=self.prefix_cache)
             for rows, scores in zip(todo, scored):
                 for row, by_depth in zip(rows, scores):
                     self._remembered.setdefault(_row_key(row), {}).update(by_depth)

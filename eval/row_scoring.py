@@ -13,6 +13,7 @@ Results are ``(summed loss over the span, scored tokens, greedy match)`` per row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +59,14 @@ def shared_prefix_length(rows: list[Row]) -> int:
 
 
 def score_documents(model, documents: list[list[Row]], pad_id: int, depths: list[int | None], batch_size: int,
-                    max_length: int, desc: str = "scoring", disable_tqdm: bool = True
-                    ) -> list[list[dict[int | None, RowScore]]]:
+                    max_length: int, desc: str = "scoring", disable_tqdm: bool = True,
+                    prefix_cache: Callable[[], object] | None = None) -> list[list[dict[int | None, RowScore]]]:
     """Per document, per row: ``{depth: (summed loss, scored tokens, greedy match)}``.
 
     ``depths``: loop counts (``[None]`` = the model's default; several need a looped model with ``output_depths``).
     ``batch_size`` bounds the rows of one forward; ``max_length`` is the model's context (cached prefix + own tokens
-    of a batch must fit in it).
+    of a batch must fit in it). ``prefix_cache`` builds the cache a shared prefix is stored in (default: the model's
+    own; e.g. a bounded ``ParcaeSharedLoopCache`` to measure its effect on scores).
     """
     docs = [_Document(rows, i, shared_prefix_length(rows)) for i, rows in enumerate(documents)]
     results: list[list[dict]] = [[{} for _ in rows] for rows in documents]
@@ -75,7 +77,7 @@ def score_documents(model, documents: list[list[Row]], pad_id: int, depths: list
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, disable=disable_tqdm):
             rows = [(d, k, row) for d in batch for k, row in enumerate(d.rows)]
-            logits_by_depth = _forward_batch(model, batch, pad_id, depths, device)
+            logits_by_depth = _forward_batch(model, batch, pad_id, depths, device, prefix_cache)
             for depth, logits in zip(depths, logits_by_depth):
                 for (d, k, _), score in zip(rows, _span_scores(logits, rows)):
                     results[d.index][k][depth] = score
@@ -100,7 +102,8 @@ def _batches(docs: list[_Document], batch_size: int, max_length: int) -> list[li
     return batches
 
 
-def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int | None], device) -> list[torch.Tensor]:
+def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int | None], device,
+                   prefix_cache: Callable[[], object] | None = None) -> list[torch.Tensor]:
     """Logits per depth for every row of ``batch`` (in document order), aligned so that position ``p`` of a row's
     logits predicts its token ``p + 1`` — with a shared prefix, positions before the prefix end are not computed and
     the logits tensor starts at the prefix end (see :func:`_span_scores`)."""
@@ -110,7 +113,8 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
         ids, _ = pad_right([r.tokens for r in rows], pad_id, device)
         return logits_at_depths(model(input_ids=ids, use_cache=False, **kwargs), depths)
     prefix_ids, prefix_mask = pad_right([d.rows[0].tokens[: d.prefix] for d in batch], pad_id, device)
-    out = model(input_ids=prefix_ids, use_cache=True, **kwargs)
+    cache = {"past_key_values": prefix_cache()} if prefix_cache is not None else {}
+    out = model(input_ids=prefix_ids, use_cache=True, **cache, **kwargs)
     cache = out.past_key_values
     owner = torch.tensor([i for i, d in enumerate(batch) for _ in d.rows], device=device)
     cache.batch_select_indices(owner)

@@ -5,23 +5,15 @@ really not computed."""
 import pytest
 import torch
 
+from conftest import tiny_model
+
 LOOPS = 8
 
 
 @pytest.fixture(scope="module")
 def model():
-    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
-
-    torch.manual_seed(0)
-    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                          num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=LOOPS,
-                          mean_backprop_depth=2, max_position_embeddings=64)
-    model = ParcaeForCausalLM(config).eval()
-    with torch.no_grad():  # non-zero output projections, so attention and MLP shape the state
-        for name, param in model.named_parameters():
-            if "o_proj" in name or "down_proj" in name:
-                param.normal_(0, 0.05)
-    return model
+    return tiny_model(vocab_size=288, hidden_size=32, intermediate_size=64, mean_recurrence=LOOPS,
+                      max_position_embeddings=64)
 
 
 def _threshold_with_mixed_exits(model, ids, mask=None):

@@ -5,22 +5,13 @@ token and cache size for ``--exit-threshold`` / ``--kv-mode``."""
 import pytest
 import torch
 
+from conftest import tiny_model
+
 
 @pytest.fixture(scope="module")
 def model():
-    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
-
-    torch.manual_seed(0)
-    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                          num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=4,
-                          mean_backprop_depth=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                          pad_token_id=2)
-    model = ParcaeForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "o_proj" in name or "down_proj" in name:
-                param.normal_(0, 0.05)
-    return model
+    return tiny_model(vocab_size=288, hidden_size=32, intermediate_size=64, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
 
 def _generate(model, prompt, loops, cache):

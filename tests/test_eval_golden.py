@@ -1,5 +1,6 @@
 """Against the official evaluator: the golden ``core_eval`` checkpoint, converted with the project's converter,
-scored by ``parcae eval --tasks core_extended --num-loops 4 --limit 20 --seeds 1234 --dtype float32`` (lm-eval path)
+scored by ``parcae eval --tasks core_extended --num-loops 2,4 --limit 20 --seeds 1234 --dtype float32`` (lm-eval path,
+a one-pass depth sweep with shared few-shot prefixes)
 and by the reference scorer must reproduce ``reference.json``: per-task accuracy and per-item option scores (1e-4),
 including prompts cropped from the left at the model's 768-token limit."""
 
@@ -62,7 +63,8 @@ def test_cli_lm_eval_path_reproduces_official(golden, converted, tmp_path):
     from modeling_parcae.cli import main
 
     out = tmp_path / "golden.json"
-    code = main(["eval", "--model", str(converted), "--tasks", "core_extended", "--num-loops", "4", "--limit", "20",
+    # a depth sweep: depth 4 is read from the same one-pass forward as depth 2 (output_depths), and must still match
+    code = main(["eval", "--model", str(converted), "--tasks", "core_extended", "--num-loops", "2,4", "--limit", "20",
                  "--seeds", "1234", "--dtype", "float32", "--bundle", str(BUNDLE), "--batch-size", "32",
                  "--output", str(out), "--log-samples"])
     assert code == 0

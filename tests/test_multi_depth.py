@@ -4,24 +4,15 @@ without padding, with a per-depth coda cache; ``parcae eval`` sweeps use it and 
 import pytest
 import torch
 
+from conftest import tiny_model
+
 DEPTHS = (1, 2, 4, 8, 16)
 
 
 @pytest.fixture(scope="module")
 def model():
-    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
-
-    torch.manual_seed(0)
-    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                          num_prelude_layers=1, num_core_layers=2, num_coda_layers=2, mean_recurrence=4,
-                          mean_backprop_depth=2, max_position_embeddings=64)
-    model = ParcaeForCausalLM(config).eval()
-    # trained-like dynamics: a random diagonal injection and non-zero output projections, so depths differ
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "o_proj" in name or "down_proj" in name:
-                param.normal_(0, 0.05)
-    return model
+    return tiny_model(vocab_size=288, hidden_size=32, intermediate_size=64, num_coda_layers=2,
+                      max_position_embeddings=64)
 
 
 def _separate(model, depth, **kwargs):
