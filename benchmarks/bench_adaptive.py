@@ -52,12 +52,13 @@ def load(name: str, workdir: Path):
     return model, load_tokenizer(path)
 
 
-def heldout_rows(tokenizer, limit: int) -> list[list[int]]:
+def heldout_rows(tokenizer, limit: int, max_length: int) -> list[list[int]]:
+    """Token rows of the first ``limit`` held-out paragraphs, cut to the context + 1 (as bits-per-byte does)."""
     from modeling_parcae.eval.bpb import read_documents
 
     docs = read_documents(HELDOUT, limit)
     rows = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    return [r for r in rows if len(r) >= 2]
+    return [r[: max_length + 1] for r in rows if len(r) >= 2]
 
 
 @torch.inference_mode()
@@ -117,7 +118,7 @@ def decode(model, ids, mask, new_tokens: int, threshold: float | None) -> tuple[
 def measure_model(name: str, thresholds: list[float], repeats: int, new_tokens: int, docs: int,
                   workdir: Path) -> dict:
     model, tokenizer = load(name, workdir)
-    rows = heldout_rows(tokenizer, docs)
+    rows = heldout_rows(tokenizer, docs, model.config.max_position_embeddings)
     fixed = heldout(model, tokenizer, rows, depths=list(range(1, LOOPS + 1)))
     adaptive = {t: heldout(model, tokenizer, rows, threshold=t)[t] for t in thresholds}
     base = fixed[LOOPS]["loss"]

@@ -87,7 +87,7 @@ def core(model, tokenizer, tasks, mode: str, loops: int) -> float:
 
 
 def measure(name: str, model, tokenizer, core_tasks) -> dict:
-    rows = [r[:64] for r in heldout_rows(tokenizer, 200) if len(r) > 9]
+    rows = [r[:64] for r in heldout_rows(tokenizer, 200, 63) if len(r) > 9]
     prompts = torch.tensor([r[:12] for r in rows if len(r) >= 12][:8])
     result = {}
     for loops in LOOP_COUNTS:
