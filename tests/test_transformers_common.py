@@ -55,7 +55,9 @@ class ParcaeModelTester:
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_attention_heads=self.num_attention_heads, num_prelude_layers=self.num_prelude_layers,
             num_core_layers=self.num_core_layers, num_coda_layers=self.num_coda_layers,
-            mean_recurrence=self.num_loops, mean_backprop_depth=self.num_loops, train_num_loops=self.num_loops,
+            # odd mean_recurrence / mean_backprop_depth: with 1/1/1 blocks the official gate rule then gives a gate
+            # exactly to the blocks that own a value-embedding table, so every parameter is used
+            mean_recurrence=3, mean_backprop_depth=3, num_loops=self.num_loops, train_num_loops=self.num_loops,
             value_embedding_gate_channels=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
             eos_token_id=2,
         )
