@@ -168,14 +168,19 @@ def _rotated(items: list, shift: int) -> list:
     return items[shift:] + items[:shift]
 
 
-def _timed(call: Callable[[], object]) -> tuple[object, float]:
-    started = time.perf_counter()
+def timed_call(call: Callable[[], object]) -> tuple[object, tuple[float, float]]:
+    """The call's result and its (wall, process CPU) seconds. On a machine shared with other processes the CPU time
+    (all threads of this process) moves much less with the load than the wall time."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = call()
-    return result, time.perf_counter() - started
+    return result, (time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def _row(times: list[float], peak: int | None) -> dict:
-    return dict(median_s=statistics.median(times), times_s=times, peak_mb=peak / 2**20 if peak is not None else None)
+def timed_row(times: list[tuple[float, float]], peak: int | None) -> dict:
+    wall, cpu = [t[0] for t in times], [t[1] for t in times]
+    return dict(median_s=statistics.median(wall), min_s=min(wall), times_s=wall,
+                cpu_median_s=statistics.median(cpu), cpu_times_s=cpu,
+                peak_mb=peak / 2**20 if peak is not None else None)
 
 
 def bench_prefill(contenders: list[Contender], vocab: int, loops_list: list[int], repeats: int,
@@ -190,9 +195,9 @@ def bench_prefill(contenders: list[Contender], vocab: int, loops_list: list[int]
             load.sample()
             for loops in loops_list:
                 for contender in _rotated(contenders, repeat + loops):
-                    times[loops][contender.name].append(_timed(lambda: contender.prefill(input_ids, loops))[1])
+                    times[loops][contender.name].append(timed_call(lambda: contender.prefill(input_ids, loops))[1])
             print(f"    prefill repeat {repeat + 1}/{repeats} done", flush=True)
-        return {loops: {c.name: _row(times[loops][c.name],
+        return {loops: {c.name: timed_row(times[loops][c.name],
                                      peak_memory.peak_bytes(lambda: c.prefill(input_ids, loops)))
                         for c in contenders}
                 for loops in loops_list}
@@ -211,18 +216,25 @@ def bench_decode(contenders: list[Contender], vocab: int, batch: int, loops: int
         for step in range(steps):
             for contender in _rotated(contenders, step):
                 name = contender.name
-                tokens[name], seconds = _timed(lambda: contender.decode_step(tokens[name], caches[name], loops))
-                times[name].append(seconds)
-        return {c.name: _row(times[c.name],
+                tokens[name], timing = timed_call(lambda: contender.decode_step(tokens[name], caches[name], loops))
+                times[name].append(timing)
+        return {c.name: timed_row(times[c.name],
                              peak_memory.peak_bytes(lambda: c.decode_step(tokens[c.name], caches[c.name], loops)))
                 for c in contenders}
 
 
 def _ratios(row: dict[str, dict]) -> dict:
-    ours = row["ours"]["median_s"]
-    ratios = {"ours_over_llama": ours / row["llama"]["median_s"]}
-    if "official" in row:
-        ratios["ours_over_official"] = ours / row["official"]["median_s"]
+    """Ours over each other model: ratio of wall-time medians, median of the ratios of runs made back to back (the
+    i-th timed run of each model shares one repeat, hence the machine's load at that moment), ratio of CPU-time
+    medians."""
+    ratios = {}
+    for other in ("llama", "official"):
+        if other in row:
+            ours, theirs = row["ours"], row[other]
+            ratios[f"ours_over_{other}"] = ours["median_s"] / theirs["median_s"]
+            ratios[f"ours_over_{other}_paired"] = statistics.median(
+                a / b for a, b in zip(ours["times_s"], theirs["times_s"]))
+            ratios[f"ours_over_{other}_cpu"] = ours["cpu_median_s"] / theirs["cpu_median_s"]
     return ratios
 
 
@@ -290,9 +302,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
-    has_official = report["official_skipped"] is None
-    header = "| preset | dtype | mode | B | loops | ours s (MB) | llama s (MB) |"
-    header += " official s (MB) | ours/llama | ours/official |" if has_official else " ours/llama |"
+    """Median wall seconds (peak MB) per model; ratios: of wall medians (median of back-to-back ratios) [of CPU
+    medians]."""
+    others = ["llama"] + (["official"] if report["official_skipped"] is None else [])
+    header = ("| preset | dtype | mode | B | loops | ours s (MB) | " + " | ".join(f"{o} s (MB)" for o in others)
+              + " | " + " | ".join(f"ours/{o} (paired) [cpu]" for o in others) + " |")
     print("\n" + header)
     print("|" + "---|" * (header.count("|") - 1))
 
@@ -301,14 +315,11 @@ def print_table(report: dict) -> None:
         return f"{model['median_s']:.3f} ({peak})"
 
     for row in report["results"]:
-        line = (f"| {row['preset']} | {row['dtype']} | {row['mode']} | {row['batch']} | {row['loops']} | "
-                f"{cell(row['models']['ours'])} | {cell(row['models']['llama'])} |")
-        if has_official:
-            line += f" {cell(row['models']['official'])} | {row['ours_over_llama']:.3f} | " \
-                    f"{row['ours_over_official']:.3f} |"
-        else:
-            line += f" {row['ours_over_llama']:.3f} |"
-        print(line)
+        cells = [cell(row["models"][name]) for name in ["ours", *others]]
+        cells += [f"{row[f'ours_over_{o}']:.3f} ({row[f'ours_over_{o}_paired']:.3f}) [{row[f'ours_over_{o}_cpu']:.3f}]"
+                  for o in others]
+        print(f"| {row['preset']} | {row['dtype']} | {row['mode']} | {row['batch']} | {row['loops']} | "
+              + " | ".join(cells) + " |")
     load = report["load"]
     print(f"\nmachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
           f"{report['machine']['torch_threads']} torch threads; max 1-min load {load['max_loadavg_1min']:.2f} "

@@ -9,15 +9,14 @@ without it only our step is timed and the comparison is reported as skipped.
 Steps alternate between the two models (median reported), then one more step per model measures the peak resident
 memory it adds (``peak_memory.py``): activations, gradients and logits.
 
-    PARCAE_OFFICIAL_SRC=/tmp/official-parcae python benchmarks/bench_training_step.py   # writes results/training_step.json
-    python benchmarks/bench_training_step.py --steps 1 --seq-len 256                   # a quick smoke run
+    PARCAE_OFFICIAL_SRC=/tmp/official-parcae python benchmarks/bench_training_step.py  # results/training_step.json
+    python benchmarks/bench_training_step.py --steps 1 --seq-len 256                  # a quick smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import peak_memory
-from bench_released_shapes import LoadLog, machine_description
+from bench_released_shapes import LoadLog, machine_description, timed_row, timed_call
 from released_models import build_official, build_parcae, import_official
 
 
@@ -86,16 +85,13 @@ def main() -> int:
     for repeat in range(args.steps):
         load.sample()
         for name in list(steps)[repeat % len(steps):] + list(steps)[:repeat % len(steps)]:
-            begin = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - begin)
-        print(f"  step {repeat + 1}/{args.steps}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
+            times[name].append(timed_call(steps[name])[1])
+        print(f"  step {repeat + 1}/{args.steps}: " + ", ".join(f"{n} {t[-1][0]:.2f} s" for n, t in times.items()),
               flush=True)
     rows = {}
     for name, step in steps.items():
         peak = peak_memory.peak_bytes(step)
-        rows[name] = dict(median_s=statistics.median(times[name]), times_s=times[name],
-                          peak_mb=peak / 2**20 if peak is not None else None)
+        rows[name] = timed_row(times[name], peak)
     load.sample()
 
     report = dict(
@@ -110,6 +106,7 @@ def main() -> int:
     )
     if "official" in rows:
         report["time_ours_over_official"] = rows["ours"]["median_s"] / rows["official"]["median_s"]
+        report["cpu_time_ours_over_official"] = rows["ours"]["cpu_median_s"] / rows["official"]["cpu_median_s"]
         if rows["ours"]["peak_mb"] is not None:
             report["memory_ours_over_official"] = rows["ours"]["peak_mb"] / rows["official"]["peak_mb"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +118,8 @@ def main() -> int:
         peak = f"{row['peak_mb']:.0f} MB" if row["peak_mb"] is not None else "?"
         print(f"{name:>9}: {row['median_s']:.2f} s/step, peak {peak}")
     if "time_ours_over_official" in report:
-        print(f"ours/official: time {report['time_ours_over_official']:.3f}, "
+        print(f"ours/official: time {report['time_ours_over_official']:.3f} "
+              f"(CPU time {report['cpu_time_ours_over_official']:.3f}), "
               f"memory {report.get('memory_ours_over_official', float('nan')):.3f}")
     print(f"machine load max {report['load']['max_loadavg_1min']:.2f} (loaded: {report['load']['machine_loaded']}); "
           f"wrote {args.output}")
