@@ -51,7 +51,12 @@ def test_demo_loads_and_generates_with_trust_remote_code_without_the_package(tmp
 
 
 def test_demo_remote_code_is_the_package_source():
-    """The demo's remote-code files are links to the package's own modules, so they cannot go stale."""
+    """The demo carries every file the modeling code imports, each the package's own module (so never stale)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
     demo = bundled_model_path()
-    for name in ("configuration_parcae.py", "modeling_parcae.py", "cache_parcae.py"):
+    needed = {Path(path).name for path in get_relative_import_files(str(demo.parent / "modeling_parcae.py"))}
+    shipped = {path.name for path in demo.glob("*.py")}
+    assert {"modeling_parcae.py", "configuration_parcae.py"} | needed <= shipped
+    for name in shipped:
         assert (demo / name).read_bytes() == (demo.parent / name).read_bytes(), name
