@@ -33,9 +33,8 @@ class _LatestKeysValues:
     """Stands in for the cache inside one core block while tokens exit: keeps the newest keys/values of every token of
     this forward, writes them to the real cache slot (if any) and returns the keys/values the packed queries see."""
 
-    def __init__(self, cache, past_length: int):
+    def __init__(self, cache):
         self.cache = cache
-        self.past_length = past_length
         self.latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block index -> (B, heads, T, D) each
         self.block = 0
         self.rows: torch.Tensor | None = None  # packed mode: batch row of each packed row
@@ -100,7 +99,7 @@ def adaptive_iterate(
                                                                  "past_key_values")}
     key_valid = (attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2
                  else torch.ones(batch, past_length + seq_len, dtype=torch.bool, device=device))
-    latest = _LatestKeysValues(cache, past_length)
+    latest = _LatestKeysValues(cache)
     active = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     loops = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     for loop in range(num_loops):
