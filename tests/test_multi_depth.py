@@ -122,3 +122,19 @@ def test_eval_sweep_scores_every_depth_in_one_pass(bundle):
             for mine, ref in zip(result["samples"], single[depth][label]["samples"]):
                 assert mine["mean_loss"] == pytest.approx(ref["mean_loss"], abs=1e-5)
     assert 0 < len(calls) <= single_calls // 2
+
+
+def test_bits_per_byte_sweep_equals_each_depth(model, shakespeare_text):
+    from modeling_parcae.conversion.tokenizer import load_official_tokenizer
+    from modeling_parcae.eval.bpb import bits_per_byte, bits_per_byte_at_depths
+
+    from conftest import FIXTURES
+
+    tokenizer = load_official_tokenizer(FIXTURES / "golden" / "tokenizer", 64)
+    documents = [d for d in shakespeare_text.split("\n\n") if d.strip()][:12]
+    swept = bits_per_byte_at_depths(model, tokenizer, documents, [1, 4], batch_size=5, progress=False)
+    for depth in (1, 4):
+        alone = bits_per_byte(model, tokenizer, documents, num_loops=depth, batch_size=5, progress=False)
+        assert swept[depth]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+        assert swept[depth]["bpb"] == pytest.approx(alone["bpb"], rel=1e-6)
+    assert swept[1]["loss"] != pytest.approx(swept[4]["loss"], rel=1e-4)
