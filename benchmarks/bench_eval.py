@@ -131,7 +131,7 @@ def preset_model(workdir: Path) -> Path:
 
 def compare_with_reference(model: Path, tasks: str, loops: int, limit: int, bundle: Path, repeats: int,
                            workdir: Path) -> dict:
-    output = workdir / "eval.json"
+    output = workdir / f"eval_{model.name}.json"  # per model: benchmarks sharing a workdir must not overwrite it
     times, outputs = interleave({"parcae_eval": eval_command(model, tasks, str(loops), limit, output, bundle),
                                  "reference": reference_command(model, tasks, loops, limit, bundle)}, repeats)
     reference_acc = json.loads(outputs["reference"].strip().splitlines()[-1])
