@@ -69,6 +69,18 @@ def tiny_model(seed: int = 0, **overrides) -> ParcaeForCausalLM:
     return model.eval()
 
 
+def tiny_eval_model(seed: int, context: int):
+    """Random released-style model over the golden tokenizer, with a short context so that few-shot prompts get
+    cropped; returns ``(model, tokenizer)`` for the evaluation tests."""
+    from modeling_parcae.conversion.tokenizer import load_official_tokenizer
+
+    torch.manual_seed(seed)
+    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_prelude_layers=1, num_core_layers=1, num_coda_layers=1, mean_recurrence=3,
+                          mean_backprop_depth=2, max_position_embeddings=context)
+    return ParcaeForCausalLM(config).eval(), load_official_tokenizer(FIXTURES / "golden" / "tokenizer", context)
+
+
 def write_receval_layout(case: str, destination: Path) -> Path:
     """The golden checkpoint as the official receval wrapper saves it (``save_pretrained`` in
     ``receval/models/parcae.py``): ``config.json`` without ``_class_name`` and ``pytorch_model.bin`` holding the

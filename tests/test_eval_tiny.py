@@ -8,22 +8,13 @@ import math
 import pytest
 import torch
 
-from conftest import EXCERPT, FIXTURES
+from conftest import EXCERPT, FIXTURES, tiny_eval_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """Random released-style model with a short context (96) so that many few-shot prompts get cropped."""
-    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
-    from modeling_parcae.conversion.tokenizer import load_official_tokenizer
-
-    torch.manual_seed(0)
-    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                          num_prelude_layers=1, num_core_layers=1, num_coda_layers=1, mean_recurrence=3,
-                          mean_backprop_depth=2, max_position_embeddings=96)
-    model = ParcaeForCausalLM(config).eval()
-    tokenizer = load_official_tokenizer(FIXTURES / "golden" / "tokenizer", 96)
-    return model, tokenizer
+    return tiny_eval_model(seed=0, context=96)
 
 
 @pytest.fixture(scope="module")

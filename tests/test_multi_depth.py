@@ -89,19 +89,12 @@ def test_bad_output_depths_are_refused(model):
 def test_eval_sweep_scores_every_depth_in_one_pass(bundle):
     """``parcae eval`` with several depths: per-item scores equal single-depth runs, with one forward per batch for
     all depths (forward calls counted) instead of one per depth."""
-    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
-    from modeling_parcae.conversion.tokenizer import load_official_tokenizer
     from modeling_parcae.eval.lm import ParcaeLM
     from modeling_parcae.eval.runner import build_tasks, run_lm_eval
 
-    from conftest import FIXTURES
+    from conftest import tiny_eval_model
 
-    torch.manual_seed(1)
-    config = ParcaeConfig(vocab_size=288, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                          num_prelude_layers=1, num_core_layers=1, num_coda_layers=1, mean_recurrence=3,
-                          mean_backprop_depth=2, max_position_embeddings=128)
-    model = ParcaeForCausalLM(config).eval()
-    tokenizer = load_official_tokenizer(FIXTURES / "golden" / "tokenizer", 128)
+    model, tokenizer = tiny_eval_model(seed=1, context=128)
     tasks = build_tasks(["copa", "arc_easy", "lambada_openai", "winograd"], bundle, 4)
     calls = []
     model.model.register_forward_pre_hook(lambda module, args: calls.append(1))
