@@ -20,8 +20,11 @@ model = ParcaeForCausalLM.from_pretrained({model!r}, distributed_config=Distribu
 with torch.no_grad():
     logits = model(torch.tensor({ids}), num_loops=3).logits
 weight = model.model.core[0].mlp.up_proj.weight
-print(json.dumps({{"rank": int(os.environ["RANK"]), "sharded": type(weight).__name__,
-                  "local_rows": weight.to_local().shape[0], "logits": logits.tolist()}}))
+rank = int(os.environ["RANK"])
+# one file per rank: two ranks printing long lines to one stdout can interleave them
+with open(f"rank{{rank}}.json", "w") as report:
+    json.dump({{"rank": rank, "sharded": type(weight).__name__, "local_rows": weight.to_local().shape[0],
+               "logits": logits.tolist()}}, report)
 """
 
 
@@ -40,7 +43,7 @@ def test_tp_plan_shards_on_two_cpu_processes_with_identical_logits(tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    outputs = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(out["rank"] for out in outputs) == [0, 1]
     for out in outputs:
         assert out["sharded"] == "DTensor"
