@@ -86,6 +86,7 @@ class ParcaeLM(LM):
         # depth sweep: every depth of ``sweep_depths`` is scored from one pass and remembered per row
         self.sweep_depths: list[int] | None = None
         self._remembered: dict[tuple, dict[int | None, RowScore]] = {}
+        self._planned: dict[tuple, list[Row]] = {}  # rows per document's requests, during a sweep
         # the cache a shared few-shot prefix is stored in (None: the model's own exact cache)
         self.prefix_cache: Callable[[], object] | None = None
 
@@ -105,14 +106,24 @@ class ParcaeLM(LM):
         plan = []
         for (_, _, task_type), idxs in groups.items():
             args = [requests[i].args for i in idxs]
-            if task_type:
-                rows = _core_rows(task_type, encode_with_bos(self.tokenizer, core_prompt_strings(task_type, args)))
-            else:
-                (context, continuation), = args
-                ctx, whole = encode_with_bos(self.tokenizer, [context, context + continuation])
-                rows = [Row(whole, len(ctx), len(whole))]
-            plan.append((task_type, idxs, rows))
+            plan.append((task_type, idxs, self._document_rows(task_type, args)))
         return plan
+
+    def _document_rows(self, task_type: str | None, args: list[tuple[str, str]]) -> list[Row]:
+        """The rows one document's requests score, remembered during a depth sweep (every depth's lm-eval run renders
+        the same prompts; tokenizing and splitting them again would cost more than reading the remembered scores)."""
+        key = (task_type, tuple(args))
+        if key in self._planned:
+            return self._planned[key]
+        if task_type:
+            rows = _core_rows(task_type, encode_with_bos(self.tokenizer, core_prompt_strings(task_type, args)))
+        else:
+            (context, continuation), = args
+            ctx, whole = encode_with_bos(self.tokenizer, [context, context + continuation])
+            rows = [Row(whole, len(ctx), len(whole))]
+        if self.sweep_depths:
+            self._planned[key] = rows
+        return rows
 
     def _score(self, documents: list[list[Row]], desc: str, disable_tqdm: bool) -> list[list[RowScore]]:
         """(summed loss, scored tokens, greedy match) per row at ``num_loops``, after the official left-crop (a span
@@ -137,6 +148,7 @@ class ParcaeLM(LM):
         out = [[self._remembered[_row_key(r)][depth] for r in rows] for rows in cropped]
         if not sweep:
             self._remembered.clear()  # one depth at a time: nothing will be asked again
+            self._planned.clear()
         return out
 
     # -- lm-eval API -------------------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ def supports_output_depths(model) -> bool:
     return is_looped(model) and "output_depths" in inspect.signature(model.forward).parameters
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """True when ``forward`` takes ``logits_to_keep`` (transformers' causal LMs: the head runs on the last positions
+    only)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def max_length(model) -> int:
     """Context limit used for the official left-crop (Parcae's ``block_size`` = ``max_position_embeddings``)."""
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modeling_parcae.eval.modelio import depth_kwargs, logits_at_depths
+from modeling_parcae.eval.modelio import accepts_logits_to_keep, depth_kwargs, logits_at_depths
 from modeling_parcae.scoring import pad_right
 
 RowScore = tuple[float, int, bool]
@@ -77,9 +77,9 @@ def score_documents(model, documents: list[list[Row]], pad_id: int, depths: list
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, disable=disable_tqdm):
             rows = [(d, k, row) for d in batch for k, row in enumerate(d.rows)]
-            logits_by_depth = _forward_batch(model, batch, pad_id, depths, device, prefix_cache)
+            logits_by_depth, first = _forward_batch(model, batch, pad_id, depths, device, prefix_cache)
             for depth, logits in zip(depths, logits_by_depth):
-                for (d, k, _), score in zip(rows, _span_scores(logits, rows)):
+                for (d, k, _), score in zip(rows, _span_scores(logits, rows, first)):
                     results[d.index][k][depth] = score
     return results
 
@@ -103,18 +103,24 @@ def _batches(docs: list[_Document], batch_size: int, max_length: int) -> list[li
 
 
 def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int | None], device,
-                   prefix_cache: Callable[[], object] | None = None) -> list[torch.Tensor]:
-    """Logits per depth for every row of ``batch`` (in document order), aligned so that position ``p`` of a row's
-    logits predicts its token ``p + 1`` — with a shared prefix, positions before the prefix end are not computed and
-    the logits tensor starts at the prefix end (see :func:`_span_scores`)."""
+                   prefix_cache: Callable[[], object] | None = None) -> tuple[list[torch.Tensor], int]:
+    """Logits per depth for every row of ``batch`` (in document order) and the position ``first`` they start at:
+    position ``first + i`` of a row's logits predicts its token ``first + i + 1``, counted after the shared prefix
+    when there is one. Only the positions some row scores get logits (``logits_to_keep``): the prefix forward needs
+    none, so a large vocabulary's head runs on the scored spans alone."""
     kwargs = depth_kwargs(model, depths)
+    keep_logits = accepts_logits_to_keep(model)
     rows = [row for d in batch for row in d.rows]
     if batch[0].prefix == 0:
         ids, _ = pad_right([r.tokens for r in rows], pad_id, device)
-        return logits_at_depths(model(input_ids=ids, use_cache=False, **kwargs), depths)
+        first = min(r.start for r in rows) - 1 if keep_logits else 0
+        out = model(input_ids=ids, use_cache=False, **_keep(keep_logits, ids.shape[1] - first), **kwargs)
+        return logits_at_depths(out, depths), first
     prefix_ids, prefix_mask = pad_right([d.rows[0].tokens[: d.prefix] for d in batch], pad_id, device)
     cache = {"past_key_values": prefix_cache()} if prefix_cache is not None else {}
-    out = model(input_ids=prefix_ids, use_cache=True, **cache, **kwargs)
+    # right padding: no real prefix position sees a pad, so the prefix needs no mask (fused causal attention); the
+    # rows' own forward below masks the padded prefix positions out
+    out = model(input_ids=prefix_ids, use_cache=True, **cache, **_keep(keep_logits, 1), **kwargs)
     cache = out.past_key_values
     owner = torch.tensor([i for i, d in enumerate(batch) for _ in d.rows], device=device)
     cache.batch_select_indices(owner)
@@ -123,18 +129,26 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
     # padded own positions repeat the row's last real position: masked out, and never beyond the context
     own_lengths = own_mask.sum(-1, keepdim=True)
     steps = torch.minimum(torch.arange(own_ids.shape[1], device=device), own_lengths - 1)
+    first = min(r.start - 1 - d.prefix for d in batch for r in d.rows) if keep_logits else 0
     out = model(input_ids=own_ids, attention_mask=torch.cat([prefix_mask[owner], own_mask], dim=-1),
-                position_ids=prefix_lengths[:, None] + steps, past_key_values=cache, use_cache=True, **kwargs)
-    return logits_at_depths(out, depths)
+                position_ids=prefix_lengths[:, None] + steps, past_key_values=cache, use_cache=True,
+                **_keep(keep_logits, own_ids.shape[1] - first), **kwargs)
+    return logits_at_depths(out, depths), first
 
 
-def _span_scores(logits: torch.Tensor, rows: list[tuple[_Document, int, Row]]) -> list[RowScore]:
-    """Summed next-token loss over each row's span and whether every span token is the argmax, in one gather."""
+def _keep(supported: bool, count: int) -> dict:
+    """``logits_to_keep=count`` (the last ``count`` positions) where the model takes it."""
+    return {"logits_to_keep": count} if supported else {}
+
+
+def _span_scores(logits: torch.Tensor, rows: list[tuple[_Document, int, Row]], first: int) -> list[RowScore]:
+    """Summed next-token loss over each row's span and whether every span token is the argmax, in one gather
+    (``logits`` start at position ``first``, counted after the row's shared prefix)."""
     batch_index, positions, targets, segment = [], [], [], []
     for i, (doc, _, row) in enumerate(rows):
         span = range(row.start, row.end)
         batch_index += [i] * len(span)
-        positions += [p - 1 - doc.prefix for p in span]
+        positions += [p - 1 - doc.prefix - first for p in span]
         targets += row.tokens[row.start: row.end]
         segment += [i] * len(span)
     device = logits.device

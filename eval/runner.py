@@ -3,6 +3,7 @@ report of ``parcae eval``."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -31,11 +32,23 @@ def build_tasks(labels: list[str], bundle: str | Path, limit: int | None, baseli
         task_logger.setLevel(level)
 
 
+def _collect_environment_once() -> None:
+    """``simple_evaluate`` records torch's environment report (``collect_env``: subprocesses, ~0.5 s) on every call,
+    and a depth sweep calls it once per depth and seed; the report cannot change within a process, so it is made
+    once (lm-eval has no switch to skip it)."""
+    from torch.utils import collect_env
+
+    if not hasattr(collect_env.get_pretty_env_info, "cache_info"):
+        collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
+
+
 def run_lm_eval(lm: ParcaeLM, tasks: dict, seed: int, log_samples: bool = False) -> dict:
     """{label: {"acc", "acc_centered"[, "samples"]}} for one few-shot seed; samples hold per item the score of every
     option (minus lm-eval's log-likelihood: the mean loss over the scored span with ``--model parcae``)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    _collect_environment_once()
 
     # an empty manager: the tasks are built already, and the default one would index all of lm-eval's stock tasks
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), fewshot_random_seed=seed,
