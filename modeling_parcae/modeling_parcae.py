@@ -154,6 +154,20 @@ class ParcaeMLP(nn.Module):
         return self.down_proj(F.relu_(self.up_proj(x)).square().mul_(0.5))
 
 
+def _keep_mask_rows(attention_mask: torch.Tensor | None, rows: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """The mask rows of the last ``rows`` queries. Without a mask (the fused causal path) ``is_causal`` would align
+    fewer queries than keys to the first keys, so more than one kept query gets an explicit causal mask whose last
+    row sees every key."""
+    if attention_mask is not None:
+        return attention_mask[..., -rows:, :]
+    if rows == 1:
+        return None
+    keys = hidden_states.shape[1]
+    query_index = torch.arange(keys - rows, keys, device=hidden_states.device)
+    allowed = torch.arange(keys, device=hidden_states.device)[None, :] <= query_index[:, None]
+    return torch.where(allowed, 0.0, torch.finfo(hidden_states.dtype).min).to(hidden_states.dtype)[None, None]
+
+
 class ParcaeAttention(nn.Module):
     """Causal self-attention with value embeddings, interleaved RoPE and a weightless qk-norm after RoPE."""
 
@@ -182,11 +196,20 @@ class ParcaeAttention(nn.Module):
         past_key_values: ParcaeCache | None = None,
         cache_slot: int | None = None,
         value_embedding: torch.Tensor | None = None,
+        positions_to_keep: int = 0,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
+        """``positions_to_keep`` > 0: queries (and the output) for the last that many positions only; keys and values
+        of every position are still computed and cached."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        cos, sin = position_embeddings
+        query_states, query_cos, query_sin = hidden_states, cos, sin
+        if positions_to_keep:
+            query_states = hidden_states[:, -positions_to_keep:]
+            query_cos, query_sin = cos[:, -positions_to_keep:], sin[:, -positions_to_keep:]
+            attention_mask = _keep_mask_rows(attention_mask, positions_to_keep, hidden_states)
+        input_shape = query_states.shape[:-1]
+        query = self.q_proj(query_states).view(*input_shape, -1, self.head_dim)
         key = self.k_proj(hidden_states).view(hidden_shape)
         value = self.v_proj(hidden_states).view(hidden_shape)
         if value_embedding is not None and self.ve_gate is not None:
@@ -194,8 +217,7 @@ class ParcaeAttention(nn.Module):
             value = value + gate.unsqueeze(-1) * value_embedding.view(hidden_shape)
 
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        cos, sin = position_embeddings
-        query = apply_interleaved_rotary(query, cos, sin)
+        query = apply_interleaved_rotary(query, query_cos, query_sin)
         key = apply_interleaved_rotary(key, cos, sin)
         if self.config.qk_norm:
             # eps=None: PyTorch uses the float32 machine epsilon, as the official code does
@@ -255,10 +277,12 @@ class ParcaeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: ParcaeCache | None = None,
         cache_slot: int | None = None,
+        positions_to_keep: int = 0,
         **kwargs,
     ) -> torch.Tensor:
         """``value_embedding`` comes second and is passed positionally: gradient checkpointing hands only positional
-        tensors to ``torch.utils.checkpoint``, and the value-embedding tables need their gradient."""
+        tensors to ``torch.utils.checkpoint``, and the value-embedding tables need their gradient.
+        ``positions_to_keep`` > 0: the output of the last that many positions only (see ``ParcaeModel.forward``)."""
         attn_output, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
@@ -266,8 +290,11 @@ class ParcaeDecoderLayer(GradientCheckpointingLayer):
             past_key_values=past_key_values,
             cache_slot=cache_slot,
             value_embedding=value_embedding,
+            positions_to_keep=positions_to_keep,
             **kwargs,
         )
+        if positions_to_keep:
+            hidden_states = hidden_states[:, -positions_to_keep:]
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -626,6 +653,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         output_hidden_states: bool | None = None,
         output_depths: Sequence[int] | None = None,
         exit_threshold: float | None = None,
+        positions_to_keep: int = 0,
         **kwargs,
     ) -> "ParcaeModelOutputWithPast":
         r"""
@@ -660,6 +688,12 @@ class ParcaeModel(ParcaePreTrainedModel):
             ``||h_t - h_{t-1}|| / ||h_t||`` falls below the threshold, capped by ``num_loops``; exited tokens are not
             computed, later tokens read their last computed keys/values (see ``adaptive_parcae.py``). The loops each
             token ran are returned in ``num_loops`` with shape ``(batch, seq_len)``. 0 never exits early.
+        positions_to_keep (`int`, *optional*, defaults to 0):
+            When > 0, the last block computes its attention queries, MLP and output for the last that many positions
+            only (``last_hidden_state`` has that many positions; every position's keys and values are still
+            computed and cached). [`ParcaeForCausalLM`] passes an integer ``logits_to_keep`` here, so that the
+            positions whose logits are dropped skip the last block too (``generate``'s prefill keeps one). Ignored
+            with ``output_hidden_states``; 0 keeps every position.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -668,6 +702,8 @@ class ParcaeModel(ParcaePreTrainedModel):
             check_forward_inputs(self.config, input_ids, inputs_embeds, attention_mask, initial_state, past)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        keep = _positions_to_keep(positions_to_keep, input_ids if input_ids is not None else inputs_embeds,
+                                  output_hidden_states, self.config._attn_implementation)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
@@ -726,14 +762,16 @@ class ParcaeModel(ParcaePreTrainedModel):
                 state = self._iterate(state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states,
                                       depth_states)
             hidden_states = self.state_readout(state)
-        hidden_states = self._run_stage(self.coda, hidden_states, value_embeddings, block_kwargs, all_hidden_states)
+        hidden_states = self._run_stage(self.coda, hidden_states, value_embeddings, block_kwargs, all_hidden_states,
+                                        positions_to_keep=keep)
         hidden_states = self.norm(hidden_states)
         depth_hidden_states = None
         if output_depths is not None:  # the deepest is ``hidden_states``; the others get their own coda pass
             depth_hidden_states = tuple(
                 hidden_states if depth == num_loops else self.norm(self._run_stage(
                     self.coda, self.state_readout(depth_states[depth]), value_embeddings, block_kwargs, None,
-                    slot_offset=ParcaeCache.coda_slot_offset(self.config, num_loops, output_depths, depth)))
+                    slot_offset=ParcaeCache.coda_slot_offset(self.config, num_loops, output_depths, depth),
+                    positions_to_keep=keep))
                 for depth in output_depths
             )
 
@@ -820,16 +858,19 @@ class ParcaeModel(ParcaePreTrainedModel):
         return {key: self.value_embeddings[key](input_ids) for key in sorted(keys - {None})}
 
     def _run_stage(self, blocks, hidden_states, value_embeddings, block_kwargs, all_hidden_states, loop=0,
-                   slot_offset=0):
+                   slot_offset=0, positions_to_keep=0):
         """Run ``blocks`` in order, recording each output in ``all_hidden_states`` when given (``_iterate`` passes None:
         it records the state after each loop instead). ``slot_offset`` moves the cache slots (a shallower depth's
-        coda under ``output_depths``)."""
-        for block in blocks:
+        coda under ``output_depths``); ``positions_to_keep`` applies to the last block (the final one of the model
+        when ``blocks`` is the coda)."""
+        for index, block in enumerate(blocks):
+            keep = {"positions_to_keep": positions_to_keep} if positions_to_keep and index == len(blocks) - 1 else {}
             hidden_states = block(
                 hidden_states,
                 value_embeddings.get(block.value_embedding_key),
                 cache_slot=block.cache_slot(loop) + slot_offset,
                 **block_kwargs,
+                **keep,
             )
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
@@ -869,6 +910,18 @@ class ParcaeModel(ParcaePreTrainedModel):
             if all_hidden_states is not None:
                 all_hidden_states.append(state)
         return state
+
+
+def _positions_to_keep(positions_to_keep: int, reference: torch.Tensor, output_hidden_states: bool,
+                       attn_implementation: str | None) -> int:
+    """The positions the last block computes (0: all of them). Only the eager and sdpa paths trim: they take the
+    mask rows of the kept queries (``_keep_mask_rows``); other kernels get every position."""
+    if isinstance(positions_to_keep, bool) or not isinstance(positions_to_keep, int) or positions_to_keep < 0:
+        raise ValueError(f"positions_to_keep must be an int >= 0 (0 keeps every position), got {positions_to_keep!r}")
+    if output_hidden_states or positions_to_keep >= reference.shape[1] or attn_implementation not in (None, "eager",
+                                                                                                        "sdpa"):
+        return 0
+    return positions_to_keep
 
 
 @dataclass
@@ -949,6 +1002,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             state_generator=state_generator,
             output_depths=output_depths,
             exit_threshold=exit_threshold,
+            positions_to_keep=self._positions_for_logits(logits_to_keep, kwargs),
             **kwargs,
         )
         logits = self._logits(outputs.last_hidden_state, logits_to_keep)
@@ -969,6 +1023,13 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             num_loops=outputs.num_loops,
             depth_logits=depth_logits,
         )
+
+    def _positions_for_logits(self, logits_to_keep: int | torch.Tensor, kwargs: dict) -> int:
+        """An integer ``logits_to_keep`` also trims the last block (its other positions feed nothing but the dropped
+        logits); not while attention maps are requested, whose last map would lose rows."""
+        if isinstance(logits_to_keep, torch.Tensor) or kwargs.get("output_attentions", self.config.output_attentions):
+            return 0
+        return logits_to_keep
 
     def _logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep)).float()
