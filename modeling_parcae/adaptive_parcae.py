@@ -100,17 +100,19 @@ def adaptive_iterate(
     key_valid = (attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2
                  else torch.ones(batch, past_length + seq_len, dtype=torch.bool, device=device))
     latest = _LatestKeysValues(cache)
+    precomputed = model.injection.precompute(embeds)  # loop-invariant (all-active loops; packed loops recompute)
     active = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     loops = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     for loop in range(num_loops):
+        n_active = int(active.sum()) if loop else active.numel()  # one host sync per loop decides the path
+        if n_active == 0:  # every token has exited: the remaining loops' cache slots get the newest keys/values
+            for skipped in range(loop, num_loops):
+                latest.fill_skipped([block.cache_slot(skipped) for block in model.core])
+            break
         slots = [block.cache_slot(loop) for block in model.core]
-        n_active = int(active.sum())  # one host sync per loop decides the path
-        if n_active == 0:
-            latest.fill_skipped(slots)
-            continue
         if n_active == active.numel():
             latest.rows = latest.tokens = None
-            hidden = model.injection(state, embeds)
+            hidden = model.injection(state, embeds, precomputed)
             for index, block in enumerate(model.core):
                 latest.block = index
                 hidden = block(hidden, attention_mask=block_kwargs["attention_mask"], position_embeddings=(cos, sin),
@@ -141,8 +143,9 @@ def adaptive_iterate(
             valid = tokens >= 0
             new_state = state.clone()
             new_state[rows[:, None].expand_as(tokens)[valid], tokens[valid]] = hidden[valid]
-        change = (new_state - state).float().norm(dim=-1) / new_state.float().norm(dim=-1).clamp_min(1e-30)
         loops += active
+        if loop + 1 < num_loops:  # after the last loop nobody needs the rule
+            change = (new_state - state).float().norm(dim=-1) / new_state.float().norm(dim=-1).clamp_min(1e-30)
+            active = active & (change >= exit_threshold)
         state = new_state  # exited tokens were copied unchanged into ``new_state``
-        active = active & (change >= exit_threshold)
     return state, loops

@@ -73,15 +73,18 @@ class LoopCounter:
 
     def __init__(self, model):
         self.loops, self.tokens = 0, 0
-        self.handle = model.model.register_forward_hook(self._record)
+        self.handle = model.model.register_forward_hook(self._record, with_kwargs=True)
 
-    def _record(self, module, args, output) -> None:
-        hidden = output.last_hidden_state
-        if hidden.shape[1] != 1:  # the prompt's prefill is not a generated token
+    def _record(self, module, args, kwargs, output) -> None:
+        inputs = kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds", args[0] if args else None)
+        batch, new_tokens = inputs.shape[:2]
+        if new_tokens != 1:  # the prompt's prefill is not a generated token
             return
         loops = output.num_loops
-        self.loops += int(loops.sum()) if loops.numel() == hidden.shape[0] else int(loops.flatten()[0]) * hidden.shape[0]
-        self.tokens += hidden.shape[0]
+        self.loops += int(loops.sum()) if loops.numel() == batch else int(loops.flatten()[0]) * batch
+        self.tokens += batch
 
     def close(self) -> float:
         """Remove the hook; the mean loops per generated token seen so far."""

@@ -118,3 +118,15 @@ def test_bad_exit_threshold_is_refused(model):
             model(ids, exit_threshold=bad, use_cache=False)
     with pytest.raises(ValueError, match="exit_threshold and output_depths"):
         model(ids, exit_threshold=0.1, output_depths=(1, 2), use_cache=False)
+
+
+def test_loop_counter_counts_generated_tokens_only(model):
+    """``parcae generate``'s loops-per-token figure reads the one-token decode steps; the prefill (whose last block
+    keeps only the last position under ``logits_to_keep=1``) is not a generated token."""
+    from modeling_parcae.generation_cli import LoopCounter
+
+    ids = torch.randint(3, 288, (2, 6), generator=torch.Generator().manual_seed(3))
+    counter = LoopCounter(model)
+    model.generate(ids, num_loops=LOOPS, exit_threshold=0.0, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert counter.tokens == 2 * 4  # the first new token comes from the prefill
+    assert counter.close() == LOOPS
