@@ -106,11 +106,14 @@ def run_eval(args: argparse.Namespace) -> int:
     table = markdown_table(report)
     if samples is not None:
         write_atomically(output.with_suffix(".samples.json"), lambda path: path.write_text(json.dumps(samples) + "\n"))
-    write_atomically(output.with_suffix(".png"), lambda path: plot(report, path))
+    written = [output, output.with_suffix(".md")]
+    if len(set(loops)) > 1:  # a plot against num_loops needs two depths (and matplotlib costs a second to import)
+        write_atomically(output.with_suffix(".png"), lambda path: plot(report, path))
+        written.append(output.with_suffix(".png"))
     write_atomically(output.with_suffix(".md"), lambda path: path.write_text(table))
     write_atomically(output, lambda path: path.write_text(json.dumps(report, indent=2) + "\n"))
     print(table)
-    print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.png')}")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

@@ -60,6 +60,14 @@ def _core_rows(task_type: str, rows: list[list[int]]) -> list[Row]:
     return [Row(with_, len(without), len(with_))]
 
 
+def _document_texts(task_type: str | None, args: tuple[tuple[str, str], ...]) -> list[str]:
+    """What one document's requests tokenize: the CORE prompt strings, or (context, context + continuation)."""
+    if task_type:
+        return core_prompt_strings(task_type, list(args))
+    (context, continuation), = args
+    return [context, context + continuation]
+
+
 def _row_key(row: Row) -> tuple:
     return tuple(row.tokens), row.start, row.end
 
@@ -86,7 +94,7 @@ class ParcaeLM(LM):
         # depth sweep: every depth of ``sweep_depths`` is scored from one pass and remembered per row
         self.sweep_depths: list[int] | None = None
         self._remembered: dict[tuple, dict[int | None, RowScore]] = {}
-        self._planned: dict[tuple, list[Row]] = {}  # rows per document's requests, during a sweep
+        self._planned: dict[tuple, list[Row]] = {}  # rows per document's requests (see ``_plan_rows``)
         # the cache a shared few-shot prefix is stored in (None: the model's own exact cache)
         self.prefix_cache: Callable[[], object] | None = None
 
@@ -103,27 +111,27 @@ class ParcaeLM(LM):
             task_type = doc.get("_type") if isinstance(doc.get("_type"), str) else None
             key = (req.task_name, req.doc_id, task_type) if task_type else ("", i, None)
             groups[key].append(i)
-        plan = []
-        for (_, _, task_type), idxs in groups.items():
-            args = [requests[i].args for i in idxs]
-            plan.append((task_type, idxs, self._document_rows(task_type, args)))
-        return plan
+        documents = [(task_type, idxs, tuple(requests[i].args for i in idxs))
+                     for (_, _, task_type), idxs in groups.items()]
+        self._plan_rows({(task_type, args) for task_type, _, args in documents})
+        return [(task_type, idxs, self._planned[(task_type, args)]) for task_type, idxs, args in documents]
 
-    def _document_rows(self, task_type: str | None, args: list[tuple[str, str]]) -> list[Row]:
-        """The rows one document's requests score, remembered during a depth sweep (every depth's lm-eval run renders
-        the same prompts; tokenizing and splitting them again would cost more than reading the remembered scores)."""
-        key = (task_type, tuple(args))
-        if key in self._planned:
-            return self._planned[key]
-        if task_type:
-            rows = _core_rows(task_type, encode_with_bos(self.tokenizer, core_prompt_strings(task_type, args)))
-        else:
-            (context, continuation), = args
-            ctx, whole = encode_with_bos(self.tokenizer, [context, context + continuation])
-            rows = [Row(whole, len(ctx), len(whole))]
-        if self.sweep_depths:
-            self._planned[key] = rows
-        return rows
+    def _plan_rows(self, documents: set[tuple[str | None, tuple]]) -> None:
+        """Rows of every (CORE type or None, request args) document into ``self._planned``, with all prompts tokenized
+        in one batch. Kept for the whole depth sweep (every depth's lm-eval run renders the same prompts; tokenizing
+        and splitting them again would cost more than reading the remembered scores), else until ``_score`` ends."""
+        todo = [doc for doc in documents if doc not in self._planned]
+        if not todo:
+            return
+        texts = [_document_texts(task_type, args) for task_type, args in todo]
+        encoded = iter(encode_with_bos(self.tokenizer, [text for group in texts for text in group]))
+        for (task_type, args), group in zip(todo, texts):
+            rows = [next(encoded) for _ in group]
+            if task_type:
+                self._planned[(task_type, args)] = _core_rows(task_type, rows)
+            else:
+                context, whole = rows
+                self._planned[(task_type, args)] = [Row(whole, len(context), len(whole))]
 
     def _score(self, documents: list[list[Row]], desc: str, disable_tqdm: bool) -> list[list[RowScore]]:
         """(summed loss, scored tokens, greedy match) per row at ``num_loops``, after the official left-crop (a span

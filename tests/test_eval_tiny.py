@@ -90,6 +90,19 @@ def test_cli_end_to_end(bundle, tiny_dir, tmp_path, caplog):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_single_depth_writes_no_plot(tiny_dir, tmp_path):
+    """One depth: the JSON and the table, but no plot against num_loops (a single point)."""
+    from modeling_parcae.cli import main
+
+    out = tmp_path / "one.json"
+    text = tmp_path / "val.txt"
+    text.write_text(EXCERPT.read_text()[:2000])
+    assert main(["eval", "--model", str(tiny_dir), "--tasks", "bpb", "--text", str(text), "--num-loops", "2",
+                 "--output", str(out)]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"2"}
+    assert out.with_suffix(".md").exists() and not out.with_suffix(".png").exists()
+
+
 def test_cli_bad_inputs(tmp_path, capsys, bundle, tiny_dir):
     from modeling_parcae.cli import main
 
