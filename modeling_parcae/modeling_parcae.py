@@ -1032,9 +1032,12 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         return logits_to_keep
 
     def _logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep)).float()
+        """Logits in the model's dtype, as Llama returns them (the official code casts them to float32: in bf16 that
+        copy costs more than a block at the 140M shape, and transformers' losses and ``generate`` upcast what they
+        read). A soft cap is applied in float32, as officially."""
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         if self.config.logit_softcap is not None:
-            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+            logits = self.config.logit_softcap * torch.tanh(logits.float() / self.config.logit_softcap)
         return logits
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
