@@ -26,15 +26,20 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
     staging.chmod(0o755)  # mkdtemp makes it private; the result may live in a shared cache
     try:
         yield staging
-        if destination.exists():
-            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            os.rename(destination, retired)
-            os.rename(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, destination)
+        move_into_place(staging, destination, retired=destination.with_name(f".{destination.name}.old-{os.getpid()}"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(staging: Path, destination: Path, retired: Path) -> None:
+    """Rename the complete ``staging`` folder to ``destination``; an existing destination is first renamed to
+    ``retired`` and deleted afterwards, so at every instant one complete copy exists under a known name."""
+    if destination.exists():
+        os.rename(destination, retired)
+        os.rename(staging, destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, destination)
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

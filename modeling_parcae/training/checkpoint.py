@@ -7,7 +7,6 @@ A crash (or SIGKILL) while saving leaves only a ``.tmp-*`` folder behind, never 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from modeling_parcae.atomic import atomic_directory, remove_abandoned_staging
+from modeling_parcae.atomic import atomic_directory, move_into_place, remove_abandoned_staging
 from modeling_parcae.modeling_parcae import ParcaeForCausalLM
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -62,13 +61,9 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep_l
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # re-saving the same step after a resume: move the old copy aside first
-            displaced = directory / f".tmp-old-{checkpoint_name(step)}"
-            os.rename(final, displaced)
-            os.rename(temporary, final)
-            shutil.rmtree(displaced)
-        else:
-            os.rename(temporary, final)
+        # every rank wrote into the same temporary folder, so it is moved here rather than by ``atomic_directory``
+        # (one staging folder per process); re-saving a step after a resume retires the old copy first
+        move_into_place(temporary, final, retired=directory / f".tmp-old-{checkpoint_name(step)}")
         for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
