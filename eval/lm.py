@@ -12,6 +12,7 @@ from one pass per batch and remembered, so later calls at the other depths cost 
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -38,13 +39,9 @@ def core_prompt_strings(task_type: str, requests: list[tuple[str, str]]) -> list
 
 
 def _common(rows: list[list[int]], reverse: bool) -> int:
-    seqs = [r[::-1] for r in rows] if reverse else rows
-    n = 0
-    for column in zip(*seqs):
-        if any(token != column[0] for token in column):
-            break
-        n += 1
-    return n
+    """Length of the token prefix (or suffix) all rows share. ``os.path.commonprefix`` takes lists: it compares only
+    the lexicographically smallest and largest rows, whose common prefix is everyone's."""
+    return len(os.path.commonprefix([r[::-1] for r in rows] if reverse else rows))
 
 
 def _core_rows(task_type: str, rows: list[list[int]]) -> list[Row]:
