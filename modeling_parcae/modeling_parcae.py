@@ -689,9 +689,9 @@ class ParcaeModel(ParcaePreTrainedModel):
             computed, later tokens read their last computed keys/values (see ``adaptive_parcae.py``). The loops each
             token ran are returned in ``num_loops`` with shape ``(batch, seq_len)``. 0 never exits early.
         positions_to_keep (`int`, *optional*, defaults to 0):
-            When > 0, the last block computes its attention queries, MLP and output for the last that many positions
-            only (``last_hidden_state`` has that many positions; every position's keys and values are still
-            computed and cached). [`ParcaeForCausalLM`] passes an integer ``logits_to_keep`` here, so that the
+            When > 0, the last coda block computes its attention queries, MLP and output for the last that many
+            positions only (``last_hidden_state`` has that many positions; every position's keys and values are
+            still computed and cached; a model without coda blocks keeps every position). [`ParcaeForCausalLM`] passes an integer ``logits_to_keep`` here, so that the
             positions whose logits are dropped skip the last block too (``generate``'s prefill keeps one). Ignored
             with ``output_hidden_states``; 0 keeps every position.
         """
