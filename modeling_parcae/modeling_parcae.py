@@ -139,6 +139,33 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def half_relu_squared_(x: torch.Tensor) -> torch.Tensor:
+    """``0.5 * relu(x)^2``, the official ReLU2: the same ops in the same order, overwriting ``x`` (one new buffer
+    instead of three). For tensors autograd does not track."""
+    return F.relu_(x).square().mul_(0.5)
+
+
+class HalfReLUSquared(torch.autograd.Function):
+    """``0.5 * relu(x)^2`` with a one-pass backward, ``grad * relu(x)``.
+
+    Autograd's own chain (relu, square, scale) sweeps four intermediate-width buffers in the backward (scale, power,
+    product, threshold) where the derivative is one product; no torch or transformers op fuses this activation in
+    eager mode, hence this function. The forward is ``half_relu_squared_``'s, bit for bit; the gradient is too
+    (``(g * 0.5) * (2 * h) == g * h`` exactly, both factors being powers of two), save for subnormal values.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        relu = F.relu(x)
+        ctx.save_for_backward(relu)
+        return relu.square().mul_(0.5)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (relu,) = ctx.saved_tensors
+        return grad_output * relu
+
+
 class ParcaeMLP(nn.Module):
     """``down_proj(0.5 * relu(up_proj(x))^2)`` — the official ReLU2 carries the 0.5 factor."""
 
@@ -148,10 +175,10 @@ class ParcaeMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the same ops in the same order as 0.5 * relu(h)^2, with one new buffer instead of three: relu_ overwrites
-        # up_proj's fresh output (its backward needs only x) and mul_ overwrites square's output (its backward needs
-        # only its input), so autograd stays exact
-        return self.down_proj(F.relu_(self.up_proj(x)).square().mul_(0.5))
+        hidden = self.up_proj(x)
+        if hidden.requires_grad:
+            return self.down_proj(HalfReLUSquared.apply(hidden))
+        return self.down_proj(half_relu_squared_(hidden))
 
 
 def _keep_mask_rows(attention_mask: torch.Tensor | None, rows: int, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""The MLP's in-place ReLU^2 is the official ``0.5 * relu(x)**2``: same values, exact gradients, input untouched.
+"""The MLP's ReLU^2 is the official ``0.5 * relu(x)**2``: same values, the gradient autograd gives that expression (bit
+for bit), input untouched.
 
 With identity projections the MLP is its activation alone, so the activation can be compared to the formula.
 """
@@ -43,6 +44,21 @@ def test_activation_gradient_is_relu_and_reaches_the_weights():
     (mlp(x) * upstream).sum().backward()  # in-place ops on saved tensors would raise here
     torch.testing.assert_close(x.grad, upstream * torch.relu(x.detach()), rtol=1e-6, atol=1e-6)
     assert mlp.up_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward_equals_autograd_of_the_official_expression(dtype):
+    """The one-pass backward against autograd through ``0.5 * relu(x)**2``, bit for bit (identity projections are
+    exact in both dtypes, forward and backward)."""
+    x = sample(dtype)
+    upstream = (torch.randn(x.shape, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    ours, official = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = identity_mlp(dtype)(ours)
+    (out * upstream).sum().backward()
+    reference = 0.5 * torch.relu(official) ** 2
+    (reference * upstream).sum().backward()
+    assert torch.equal(out.detach(), reference.detach())
+    assert torch.equal(ours.grad, official.grad)
 
 
 def test_input_is_not_modified():
