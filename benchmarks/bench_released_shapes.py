@@ -223,7 +223,7 @@ def bench_decode(contenders: list[Contender], vocab: int, batch: int, loops: int
                 for c in contenders}
 
 
-def _ratios(row: dict[str, dict]) -> dict:
+def ratios_over_others(row: dict[str, dict]) -> dict:
     """Ours over each other model: ratio of wall-time medians, median of the ratios of runs made back to back (the
     i-th timed run of each model shares one repeat, hence the machine's load at that moment), ratio of CPU-time
     medians."""
@@ -276,14 +276,15 @@ def run(args: argparse.Namespace) -> dict:
                                                 load).items():
                     results.append(dict(preset=preset, dtype=dtype_name, mode="prefill", batch=PREFILL_BATCH,
                                         tokens=PREFILL_TOKENS, loops=loops, llama_layers=executed_depth(config, loops),
-                                        models=row, **_ratios(row)))
+                                        models=row, **ratios_over_others(row)))
             if "decode" in args.modes:
                 for batch in args.decode_batches:
                     for loops in args.loops:
                         row = bench_decode(contenders, config.vocab_size, batch, loops, args.decode_steps, load)
                         results.append(dict(preset=preset, dtype=dtype_name, mode="decode", batch=batch,
                                             prompt_tokens=PROMPT_TOKENS, loops=loops,
-                                            llama_layers=executed_depth(config, loops), models=row, **_ratios(row)))
+                                            llama_layers=executed_depth(config, loops), models=row,
+                                            **ratios_over_others(row)))
                         print(f"    decode B={batch} loops={loops} done", flush=True)
             del contenders, ours_model
     load.sample()
