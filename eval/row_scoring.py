@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from modeling_parcae.cache_parcae import CACHE_ARGUMENT
 from modeling_parcae.eval.modelio import accepts_logits_to_keep, depth_kwargs, logits_at_depths
 from modeling_parcae.scoring import pad_right
 
@@ -117,11 +118,11 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
         out = model(input_ids=ids, use_cache=False, **_keep(keep_logits, ids.shape[1] - first), **kwargs)
         return logits_at_depths(out, depths), first
     prefix_ids, prefix_mask = pad_right([d.rows[0].tokens[: d.prefix] for d in batch], pad_id, device)
-    cache = {"past_key_values": prefix_cache()} if prefix_cache is not None else {}
+    cache = {CACHE_ARGUMENT: prefix_cache()} if prefix_cache is not None else {}
     # right padding: no real prefix position sees a pad, so the prefix needs no mask (fused causal attention); the
     # rows' own forward below masks the padded prefix positions out
     out = model(input_ids=prefix_ids, use_cache=True, **cache, **_keep(keep_logits, 1), **kwargs)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_ARGUMENT)
     owner = torch.tensor([i for i, d in enumerate(batch) for _ in d.rows], device=device)
     cache.batch_select_indices(owner)
     own_ids, own_mask = pad_right([r.tokens[d.prefix:] for d in batch for r in d.rows], pad_id, device)
@@ -131,7 +132,7 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
     steps = torch.minimum(torch.arange(own_ids.shape[1], device=device), own_lengths - 1)
     first = min(r.start - 1 - d.prefix for d in batch for r in d.rows) if keep_logits else 0
     out = model(input_ids=own_ids, attention_mask=torch.cat([prefix_mask[owner], own_mask], dim=-1),
-                position_ids=prefix_lengths[:, None] + steps, past_key_values=cache, use_cache=True,
+                position_ids=prefix_lengths[:, None] + steps, use_cache=True, **{CACHE_ARGUMENT: cache},
                 **_keep(keep_logits, own_ids.shape[1] - first), **kwargs)
     return logits_at_depths(out, depths), first
 

@@ -9,10 +9,26 @@ core block ``j`` of loop ``r`` -> ``P + C + r * R + j`` (``ParcaeConfig.base_cac
 This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
 """
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_parcae import ParcaeConfig, validate_num_loops
+
+
+# transformers 5.24 renamed the cache argument of ``forward``/``generate`` and the output field from
+# ``past_key_values`` to ``cache`` (5.23 knows only the old name; 5.24 still accepts it, with a deprecation warning).
+# The installed release's name, read from its output class, so that one file serves both.
+CACHE_ARGUMENT = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def resolve_cache_argument(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The one cache a forward was given under either name (``generate`` passes ``cache=`` from transformers 5.24)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the KV cache once: as cache= or as past_key_values=, not both")
+    return cache if cache is not None else past_key_values
 
 
 class ParcaeCache(Cache):

@@ -95,7 +95,7 @@ class LoopCounter:
 def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_threshold: float | None, kv_mode: str,
                         **kwargs) -> tuple:
     """``model.generate`` with the chosen depth rule and cache; returns (output, tokens/s, mean loops per generated
-    token, cache MiB)."""
+    token, the cache it filled)."""
     import modeling_parcae.cache_parcae as caches
 
     cache = getattr(caches, KV_MODES[kv_mode])(model.config, num_loops=num_loops)
@@ -104,17 +104,17 @@ def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_th
     start = time.perf_counter()
     try:
         output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_loops=num_loops,
-                                past_key_values=cache, return_dict_in_generate=True, **extra, **kwargs)
+                                return_dict_in_generate=True, **{caches.CACHE_ARGUMENT: cache}, **extra, **kwargs)
     finally:
         mean_loops = counter.close()
     seconds = time.perf_counter() - start
     new_tokens = output.sequences.shape[1] - prompt_ids.shape[1]
-    return output, new_tokens / seconds, mean_loops, cache.memory_bytes() / 2**20
+    return output, new_tokens / seconds, mean_loops, cache
 
 
-def _report(output, tok_per_s: float, mean_loops: float, mib: float) -> str:
-    slots = len(output.past_key_values.layers)
-    return f"{tok_per_s:7.1f} tok/s   {mean_loops:5.2f} loops/token   KV cache: {slots} slots, {mib:.2f} MiB"
+def _report(output, tok_per_s: float, mean_loops: float, cache) -> str:
+    return (f"{tok_per_s:7.1f} tok/s   {mean_loops:5.2f} loops/token   KV cache: {len(cache.layers)} slots, "
+            f"{cache.memory_bytes() / 2**20:.2f} MiB")
 
 
 def run(args: argparse.Namespace) -> int:

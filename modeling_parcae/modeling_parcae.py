@@ -29,7 +29,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .adaptive_parcae import adaptive_iterate, validate_exit_threshold
-from .cache_parcae import ParcaeCache, ParcaeStaticCache
+from .cache_parcae import CACHE_ARGUMENT, ParcaeCache, ParcaeStaticCache, resolve_cache_argument
 from .configuration_parcae import ParcaeConfig, validate_num_loops
 
 
@@ -536,7 +536,7 @@ class ParcaePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ParcaeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARGUMENT]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -677,6 +677,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         num_loops: LoopCount | None = None,
         initial_state: torch.Tensor | None = None,
         state_generator: torch.Generator | None = None,
+        cache: ParcaeCache | None = None,
         output_hidden_states: bool | None = None,
         output_depths: Sequence[int] | None = None,
         exit_threshold: float | None = None,
@@ -702,6 +703,9 @@ class ParcaeModel(ParcaePreTrainedModel):
         inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden_size)`, *optional*):
             Instead of ``input_ids``. Value embeddings are looked up from token ids, so positions given as embeddings
             carry none (their value embedding is zero); this is what prompt tuning (virtual tokens) needs.
+        cache (`ParcaeCache`, *optional*):
+            The KV cache under the name transformers 5.24 gives it (``generate`` passes ``cache=`` from 5.24 on); the
+            same argument as ``past_key_values``, which transformers 5.23 uses. Pass one of the two.
         output_depths (sequence of distinct positive `int`, *optional*):
             Loop counts to read out from one pass (evaluation only): the core runs ``max(output_depths)`` loops and
             the state after each requested loop count goes through readout, coda and norm, returned in
@@ -724,6 +728,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        past_key_values = resolve_cache_argument(past_key_values, cache)
         if not torch.compiler.is_compiling():
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             check_forward_inputs(self.config, input_ids, inputs_embeds, attention_mask, initial_state, past)
@@ -750,7 +755,7 @@ class ParcaeModel(ParcaePreTrainedModel):
                                           output_depths=output_depths)
         if past_key_values is not None and not isinstance(past_key_values, ParcaeCache):
             raise TypeError(
-                f"past_key_values is a {type(past_key_values).__name__}; Parcae needs a ParcaeCache (one slot per "
+                f"{CACHE_ARGUMENT} is a {type(past_key_values).__name__}; Parcae needs a ParcaeCache (one slot per "
                 "executed block: prelude + num_loops * core + coda). Pass none and the model builds it, or pass "
                 "ParcaeCache(model.config, num_loops=...) (ParcaeStaticCache for a fixed-size, compilable cache)"
             )
@@ -764,8 +769,8 @@ class ParcaeModel(ParcaePreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_ARGUMENT: past_key_values},
         )
         block_kwargs = dict(
             attention_mask=causal_mask,
@@ -804,8 +809,8 @@ class ParcaeModel(ParcaePreTrainedModel):
 
         return ParcaeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            **{CACHE_ARGUMENT: past_key_values if use_cache else None},
             num_loops=schedule.total,
             depth_hidden_states=depth_hidden_states,
         )
@@ -997,6 +1002,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_depths: Sequence[int] | None = None,
         exit_threshold: float | None = None,
+        cache: ParcaeCache | None = None,
         **kwargs,
     ) -> ParcaeCausalLMOutputWithPast:
         r"""
@@ -1021,7 +1027,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=resolve_cache_argument(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_loops=num_loops,
@@ -1044,11 +1050,11 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         return ParcaeCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             num_loops=outputs.num_loops,
             depth_logits=depth_logits,
+            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
         )
 
     def _positions_for_logits(self, logits_to_keep: int | torch.Tensor, kwargs: dict) -> int:
@@ -1069,9 +1075,12 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length) -> None:
-        """``generate`` builds a loop-aware cache for the requested ``num_loops`` instead of a per-layer DynamicCache."""
-        if model_kwargs.get("past_key_values") is not None:
-            model_kwargs["past_key_values"]._is_user_defined = True
+        """``generate`` builds a loop-aware cache for the requested ``num_loops`` instead of a per-layer DynamicCache.
+        A cache the user passed is used under either name (``cache=`` also on transformers 5.23)."""
+        user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
+        if user_cache is not None:
+            user_cache._is_user_defined = True
+            model_kwargs[CACHE_ARGUMENT] = user_cache
             return
         if generation_config.use_cache is False:
             return
@@ -1080,9 +1089,9 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         implementation = generation_config.cache_implementation
         if implementation == "static":
             length = max(max_cache_length, generation_config.max_cache_len or 0)
-            model_kwargs["past_key_values"] = ParcaeStaticCache(self.config, max_cache_len=length, num_loops=num_loops)
+            model_kwargs[CACHE_ARGUMENT] = ParcaeStaticCache(self.config, max_cache_len=length, num_loops=num_loops)
         elif implementation in (None, "dynamic"):
-            model_kwargs["past_key_values"] = ParcaeCache(self.config, num_loops=num_loops)
+            model_kwargs[CACHE_ARGUMENT] = ParcaeCache(self.config, num_loops=num_loops)
         else:
             raise ValueError(f"cache_implementation={implementation!r} is not available for Parcae: use 'dynamic' "
                              "(default) or 'static' (ParcaeStaticCache, for torch.compile)")

@@ -11,6 +11,7 @@ from conftest import FIXTURES, PARCAE_CASES, load_golden_model, load_reference, 
 from transformers import PreTrainedTokenizerFast, TextIteratorStreamer
 
 from modeling_parcae import ParcaeCache, ParcaeForCausalLM
+from modeling_parcae.cache_parcae import CACHE_ARGUMENT
 
 
 def greedy(model, input_ids, num_loops, max_new_tokens=10, **kwargs):
@@ -106,6 +107,31 @@ def test_a_user_passed_cache_is_used(word_model):
     cache = ParcaeCache(word_model.config, num_loops=2)
     greedy(word_model, prompt, 2, max_new_tokens=3, past_key_values=cache)
     assert cache.get_seq_length() == 4 + 2  # the last generated token is not fed back
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_generate_takes_the_cache_under_either_name(name, word_model):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; both names reach the model on 5.23 and 5.24."""
+    prompt = torch.randint(3, 288, (1, 4), generator=torch.Generator().manual_seed(3))
+    cache = ParcaeCache(word_model.config, num_loops=2)
+    out = greedy(word_model, prompt, 2, max_new_tokens=3, return_dict_in_generate=True, **{name: cache})
+    assert cache.get_seq_length() == 4 + 2
+    assert getattr(out, CACHE_ARGUMENT) is cache
+    assert torch.equal(out.sequences, greedy(word_model, prompt, 2, max_new_tokens=3))
+
+
+def test_forward_takes_the_cache_under_either_name_and_refuses_both(word_model):
+    prompt = torch.randint(3, 288, (2, 5), generator=torch.Generator().manual_seed(4))
+    by_name = {}
+    for name in ("cache", "past_key_values"):
+        cache = ParcaeCache(word_model.config, num_loops=2)
+        out = word_model(prompt, num_loops=2, use_cache=True, **{name: cache})
+        assert getattr(out, CACHE_ARGUMENT) is cache and cache.get_seq_length() == 5
+        by_name[name] = out.logits
+    assert torch.equal(by_name["cache"], by_name["past_key_values"])
+    with pytest.raises(ValueError, match="pass the KV cache once"):
+        word_model(prompt, num_loops=2, cache=ParcaeCache(word_model.config, num_loops=2),
+                   past_key_values=ParcaeCache(word_model.config, num_loops=2))
 
 
 def test_cache_reports_slots_and_bytes(word_model):
