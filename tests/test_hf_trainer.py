@@ -5,6 +5,7 @@ projections.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -123,3 +124,13 @@ def test_peft_lora_on_attention_projections_trains_and_merges(pretrained, tokeni
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(ids, num_loops=4).logits, adapted, atol=1e-4)
+
+
+def test_predict_returns_the_logits_alone(pretrained, tokenizer, splits, tmp_path):
+    """``Trainer.predict`` gathers every output field but those the config names in ``keys_to_ignore_at_inference``.
+    As for Llama, the predictions are the logits alone: not the KV cache (``past_key_values`` on transformers 5.23,
+    ``cache`` on 5.24) and not the loop counts (``num_loops``), which ``compute_metrics`` code does not expect."""
+    model = AutoModelForCausalLM.from_pretrained(pretrained)
+    predictions = _trainer(model, tokenizer, splits, tmp_path / "out").predict(splits[1].select(range(4))).predictions
+    assert isinstance(predictions, np.ndarray), f"expected the logits alone, got a {type(predictions).__name__}"
+    assert predictions.shape[0] == 4 and predictions.shape[-1] == model.config.vocab_size
