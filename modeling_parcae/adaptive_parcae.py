@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cache_parcae import CACHE_ARGUMENT
+
 
 def validate_exit_threshold(exit_threshold: float) -> float:
     if isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float)) or exit_threshold < 0:
@@ -93,10 +95,10 @@ def adaptive_iterate(
     """
     batch, seq_len = state.shape[:2]
     device = state.device
-    cache = block_kwargs.get("past_key_values")
+    cache = block_kwargs.get(CACHE_ARGUMENT)
     cos, sin = block_kwargs["position_embeddings"]
     extra = {k: v for k, v in block_kwargs.items() if k not in ("attention_mask", "position_embeddings",
-                                                                 "past_key_values")}
+                                                                 CACHE_ARGUMENT)}
     key_valid = (attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2
                  else torch.ones(batch, past_length + seq_len, dtype=torch.bool, device=device))
     latest = _LatestKeysValues(cache)
@@ -116,7 +118,7 @@ def adaptive_iterate(
             for index, block in enumerate(model.core):
                 latest.block = index
                 hidden = block(hidden, attention_mask=block_kwargs["attention_mask"], position_embeddings=(cos, sin),
-                               past_key_values=latest, cache_slot=slots[index],
+                               cache_slot=slots[index], **{CACHE_ARGUMENT: latest},
                                value_embedding=value_embeddings.get(block.value_embedding_key), **extra)
             new_state = hidden
         else:
@@ -138,7 +140,7 @@ def adaptive_iterate(
                 latest.block = index
                 table = value_embeddings.get(block.value_embedding_key)
                 hidden = block(hidden, attention_mask=mask, position_embeddings=(pack(cos), pack(sin)),
-                               past_key_values=latest, cache_slot=slots[index],
+                               cache_slot=slots[index], **{CACHE_ARGUMENT: latest},
                                value_embedding=None if table is None else pack(table), **extra)
             valid = tokens >= 0
             new_state = state.clone()

@@ -21,7 +21,8 @@ from .configuration_parcae import ParcaeConfig, validate_num_loops
 # transformers 5.24 renamed the cache argument of ``forward``/``generate`` and the output field from
 # ``past_key_values`` to ``cache`` (5.23 knows only the old name; 5.24 still accepts it, with a deprecation warning).
 # The installed release's name, read from its output class, so that one file serves both.
-CACHE_ARGUMENT = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+CACHE_ARGUMENT = ("cache" if "cache" in {field.name for field in dataclasses.fields(BaseModelOutputWithPast)}
+                  else "past_key_values")
 
 
 def resolve_cache_argument(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:

@@ -305,16 +305,20 @@ class ParcaeDecoderLayer(GradientCheckpointingLayer):
         past_key_values: ParcaeCache | None = None,
         cache_slot: int | None = None,
         positions_to_keep: int = 0,
+        cache: ParcaeCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """``value_embedding`` comes second and is passed positionally: gradient checkpointing hands only positional
         tensors to ``torch.utils.checkpoint``, and the value-embedding tables need their gradient.
-        ``positions_to_keep`` > 0: the output of the last that many positions only (see ``ParcaeModel.forward``)."""
+        ``positions_to_keep`` > 0: the output of the last that many positions only (see ``ParcaeModel.forward``).
+        The cache comes under the installed transformers' name (``CACHE_ARGUMENT``): under gradient checkpointing
+        ``GradientCheckpointingLayer`` drops the argument of that name, so that the backward replay does not write it
+        a second time."""
         attn_output, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=resolve_cache_argument(past_key_values, cache),
             cache_slot=cache_slot,
             value_embedding=value_embedding,
             positions_to_keep=positions_to_keep,
@@ -775,7 +779,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         block_kwargs = dict(
             attention_mask=causal_mask,
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
-            past_key_values=past_key_values,
+            **{CACHE_ARGUMENT: past_key_values},
             **kwargs,
         )
         value_embeddings = self._lookup_value_embeddings(input_ids)

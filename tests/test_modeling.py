@@ -11,7 +11,7 @@ from conftest import (
     PARCAE_CASES, load_golden_model, load_reference, site_packages_without_this_project, tiny_config, tiny_model,
 )
 
-from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, list_presets, load_preset
+from modeling_parcae import ParcaeCache, ParcaeConfig, ParcaeForCausalLM, list_presets, load_preset
 from modeling_parcae.modeling_parcae import sample_loop_schedule
 
 
@@ -265,6 +265,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(ids, labels=ids, num_loops=(1, 2)).loss.backward()
         grads.append(model.model.core[0].self_attn.q_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_gradient_checkpointing_leaves_a_passed_cache_alone():
+    """The backward replays each checkpointed block, so transformers' checkpointing layer drops the cache argument (as
+    for Llama) rather than let the replay write it twice. It knows the argument by the installed release's name
+    (``past_key_values`` on 5.23, ``cache`` on 5.24): the blocks must receive it under that name."""
+    model = tiny_model(seed=3)
+    model.activation_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    cache = ParcaeCache(model.config, num_loops=3)
+    model(ids, labels=ids, num_loops=(1, 2), past_key_values=cache, use_cache=True).loss.backward()
+    assert cache.get_seq_length() == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
