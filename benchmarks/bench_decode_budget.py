@@ -24,7 +24,6 @@ few dozen small kernels per block, and these pieces' kernel launches weigh most.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -34,7 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_released_shapes import DTYPES, LoadLog, Ours, UnrolledLlama, machine_description, timed_call
+from bench_released_shapes import (
+    DTYPES, LoadLog, Ours, UnrolledLlama, machine_description, save_report, timed_call,
+)
 from released_models import build_llama, build_parcae, executed_depth
 from modeling_parcae.modeling_parcae import ParcaeAdditiveInjection
 
@@ -155,10 +156,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     report = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.output.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(args.output)
+    save_report(report, args.output)
     print_table(report)
     print(f"wrote {args.output}")
     return 0

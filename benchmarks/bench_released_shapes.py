@@ -40,6 +40,7 @@ from released_models import (
     build_llama, build_official, build_parcae, executed_depth, import_official, set_llama_depth,
 )
 from modeling_parcae import ParcaeCache
+from modeling_parcae.atomic import write_atomically
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -240,6 +241,12 @@ def ratios_over_others(row: dict[str, dict]) -> dict:
 
 # -- main ------------------------------------------------------------------------------------------------------------
 
+def save_report(report: dict, path: Path) -> None:
+    """The JSON report, written whole or not at all (a killed run leaves the previous results in place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
+
+
 def machine_description(threads: int) -> dict:
     model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                        if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
@@ -360,10 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.output.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(args.output)
+    save_report(report, args.output)
     print_table(report)
     print(f"wrote {args.output}")
     return 0

@@ -16,7 +16,6 @@ memory it adds (``peak_memory.py``): activations, gradients and logits.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import peak_memory
-from bench_released_shapes import LoadLog, machine_description, ratios_over_others, timed_row, timed_call
+from bench_released_shapes import (
+    LoadLog, machine_description, ratios_over_others, save_report, timed_row, timed_call,
+)
 from released_models import build_official, build_parcae, import_official
 
 
@@ -112,10 +113,7 @@ def main() -> int:
         report["cpu_time_ours_over_official"] = ratios["ours_over_official_cpu"]
         if rows["ours"]["peak_mb"] is not None:
             report["memory_ours_over_official"] = rows["ours"]["peak_mb"] / rows["official"]["peak_mb"]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.output.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(args.output)
+    save_report(report, args.output)
 
     for name, row in rows.items():
         peak = f"{row['peak_mb']:.0f} MB" if row["peak_mb"] is not None else "?"
