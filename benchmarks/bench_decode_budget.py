@@ -17,7 +17,7 @@ Steps are interleaved (all six, order rotated per step) and each piece's cost is
 differences ``ours - without`` as a share of the Llama step. Decode only, batch 1 by default: there a step is a
 few dozen small kernels per block, and these pieces' kernel launches weigh most.
 
-    python benchmarks/bench_decode_budget.py                  # results/decode_budget.json, about 3 minutes
+    python benchmarks/bench_decode_budget.py                  # results/decode_budget.json, about 3.5 minutes
     python benchmarks/bench_decode_budget.py --presets parcae-140m --dtypes bf16 --loops 1 --steps 10
 """
 
@@ -151,7 +151,7 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--loops", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--batches", nargs="+", type=int, default=[1])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant and cell (median reported)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and cell (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
