@@ -112,7 +112,7 @@ def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_th
     return output, new_tokens / seconds, mean_loops, cache
 
 
-def _report(output, tok_per_s: float, mean_loops: float, cache) -> str:
+def _report(tok_per_s: float, mean_loops: float, cache) -> str:
     return (f"{tok_per_s:7.1f} tok/s   {mean_loops:5.2f} loops/token   KV cache: {len(cache.layers)} slots, "
             f"{cache.memory_bytes() / 2**20:.2f} MiB")
 
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         stats = generate_with_stats(model, prompt_ids, args.num_loops or config.num_loops, args.exit_threshold,
                                     args.kv_mode, streamer=streamer, **sampling)
-        print(f"\n--- {_report(*stats)}")
+        print(f"\n--- {_report(*stats[1:])}")
         return 0
 
     print(f"prompt: {args.prompt!r}   ({args.max_new_tokens} new tokens, {_describe(sampling)})")
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         stats = generate_with_stats(model, prompt_ids, loops, args.exit_threshold, args.kv_mode, **sampling)
         text = tokenizer.decode(stats[0].sequences[0, prompt_ids.shape[1]:], skip_special_tokens=True)
-        print(f"\n--- num_loops={loops:<3} {_report(*stats)}")
+        print(f"\n--- num_loops={loops:<3} {_report(*stats[1:])}")
         print(args.prompt + text)
     return 0
 
