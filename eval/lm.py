@@ -6,7 +6,8 @@ prefix; schema: the common token suffix; language modelling: after the prompt wi
 than the model's context are cropped from the left. The returned log-likelihood is minus the mean loss over that span
 and ``is_greedy`` is the greedy exact match, so lm-eval's argmax reproduces the official choice. Other (stock) tasks
 get ordinary summed log-likelihoods. Rows from all documents are batched (``row_scoring``: a document's shared
-prefix runs once through the KV cache). For a depth sweep (``sweep_depths``) every depth is scored in the first call
+prefix runs once through the KV cache); on a GPU a batch holds as many padded tokens as half its free memory takes
+(``memory_token_budget``) and the weights default to bfloat16. For a depth sweep (``sweep_depths``) every depth is scored in the first call
 from one pass per batch and remembered, so later calls at the other depths cost no forward.
 """
 
@@ -23,7 +24,7 @@ from lm_eval.api.registry import register_model
 from modeling_parcae.eval.modelio import is_looped, load_model_and_tokenizer
 from modeling_parcae.eval.modelio import max_length as model_max_length
 from modeling_parcae.eval.procedure import encode_with_bos
-from modeling_parcae.eval.row_scoring import Row, RowScore, score_documents
+from modeling_parcae.eval.row_scoring import Row, RowScore, memory_token_budget, score_documents
 from modeling_parcae.eval.specs import LM as LM_TYPE
 from modeling_parcae.eval.specs import MC, SCHEMA
 from modeling_parcae.scoring import pad_id_of
@@ -69,16 +70,30 @@ def _row_key(row: Row) -> tuple:
     return tuple(row.tokens), row.start, row.end
 
 
+CPU_BATCH_SIZE = 16  # rows per forward on CPU, where larger batches stopped paying off
+
+
+def _optional_int(value: int | str | None) -> int | None:
+    """lm-eval passes model arguments as strings; "auto", "" and "None" mean unset."""
+    return int(value) if str(value).isdigit() else None
+
+
 @register_model("parcae")
 class ParcaeLM(LM):
-    """``pretrained``: path, Hub id or a loaded model; ``num_loops``: test-time depth (looped models only)."""
+    """``pretrained``: path, Hub id or a loaded model; ``num_loops``: test-time depth (looped models only).
 
-    def __init__(self, pretrained, tokenizer=None, num_loops: int | str | None = None, batch_size: int | str = 16,
-                 device: str | None = "cpu", dtype: str = "float32", max_length: int | str | None = None, **_kwargs):
+    Batches: at most ``batch_size`` rows (default: 16 on CPU, unbounded on a GPU) and ``max_batch_tokens`` padded
+    tokens (default: none on CPU; on a GPU what half its free memory holds, see ``memory_token_budget``).
+    ``dtype`` applies when ``pretrained`` is loaded here: default bfloat16 on a GPU, float32 elsewhere."""
+
+    def __init__(self, pretrained, tokenizer=None, num_loops: int | str | None = None,
+                 batch_size: int | str | None = None, device: str | None = "cpu", dtype: str | None = None,
+                 max_length: int | str | None = None, max_batch_tokens: int | str | None = None, **_kwargs):
         super().__init__()
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cpu"  # lm-eval's CLI may pass its own default device
         if isinstance(pretrained, str):
+            dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
             pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
             tokenizer = tokenizer or loaded_tokenizer
         if tokenizer is None:
@@ -86,7 +101,9 @@ class ParcaeLM(LM):
         self.model = pretrained.eval()
         self.tokenizer = tokenizer
         self.num_loops = int(num_loops) if num_loops not in (None, "", "None") else None
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        on_gpu = next(self.model.parameters()).device.type == "cuda"
+        self.batch_size = _optional_int(batch_size) or (None if on_gpu else CPU_BATCH_SIZE)
+        self.max_batch_tokens = _optional_int(max_batch_tokens)
         self.max_length = int(max_length) if max_length else model_max_length(self.model)
         # depth sweep: every depth of ``sweep_depths`` is scored from one pass and remembered per row
         self.sweep_depths: list[int] | None = None
@@ -146,7 +163,7 @@ class ParcaeLM(LM):
             depths = list(sweep) if sweep else [depth]
             scored = score_documents(self.model, todo, pad_id_of(self.tokenizer), depths, self.batch_size,
                                      self.max_length, desc=desc, disable_tqdm=disable_tqdm,
-                                     prefix_cache=self.prefix_cache)
+                                     prefix_cache=self.prefix_cache, max_batch_tokens=self._token_budget(depths))
             for rows, scores in zip(todo, scored):
                 for row, by_depth in zip(rows, scores):
                     self._remembered.setdefault(_row_key(row), {}).update(by_depth)
@@ -155,6 +172,12 @@ class ParcaeLM(LM):
             self._remembered.clear()  # one depth at a time: nothing will be asked again
             self._planned.clear()
         return out
+
+    def _token_budget(self, depths: list[int | None]) -> int | None:
+        """Padded tokens per batch: the one given, else on a GPU what its free memory holds now, else no bound."""
+        if self.max_batch_tokens or next(self.model.parameters()).device.type != "cuda":
+            return self.max_batch_tokens
+        return memory_token_budget(self.model, depths)
 
     # -- lm-eval API -------------------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

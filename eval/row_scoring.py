@@ -9,6 +9,12 @@ attention can take the fused causal kernel.
 
 Several depths come from one pass (``output_depths``, see ``ParcaeModel.forward``) when the model supports them.
 Results are ``(summed loss over the span, scored tokens, greedy match)`` per row and depth.
+
+A batch is bounded by rows (``batch_size``) and/or by padded tokens (``max_batch_tokens``: rows x padded width, what
+its activations, cached keys/values and logits grow with). On a GPU the token bound comes from the free device memory
+(:func:`memory_token_budget`), so short rows pack by the hundred and long ones by the few; documents are sorted by
+length first, so a batch pads little. Batching never changes a row's score beyond floating-point reassociation: right
+padding is invisible to a causal model's real positions.
 """
 
 from __future__ import annotations
@@ -20,11 +26,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modeling_parcae.cache_parcae import CACHE_ARGUMENT
-from modeling_parcae.eval.modelio import accepts_logits_to_keep, depth_kwargs, logits_at_depths
+from modeling_parcae.eval.modelio import accepts_logits_to_keep, depth_kwargs, is_looped, logits_at_depths
 from modeling_parcae.scoring import pad_right
 
 RowScore = tuple[float, int, bool]
+
+# Share of the free device memory a scoring batch may take: the per-token estimate below is an upper bound of the
+# steady state, the rest is headroom for the allocator's fragmentation and the kernels' workspaces.
+MEMORY_FRACTION = 0.5
+# Below this many tokens a batch that ran out of memory is not retried smaller: the budget was not the problem.
+MIN_BATCH_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -59,48 +70,107 @@ def shared_prefix_length(rows: list[Row]) -> int:
     return n
 
 
-def score_documents(model, documents: list[list[Row]], pad_id: int, depths: list[int | None], batch_size: int,
-                    max_length: int, desc: str = "scoring", disable_tqdm: bool = True,
-                    prefix_cache: Callable[[], object] | None = None) -> list[list[dict[int | None, RowScore]]]:
+def score_documents(model, documents: list[list[Row]], pad_id: int, depths: list[int | None],
+                    batch_size: int | None, max_length: int, desc: str = "scoring", disable_tqdm: bool = True,
+                    prefix_cache: Callable[[], object] | None = None, max_batch_tokens: int | None = None
+                    ) -> list[list[dict[int | None, RowScore]]]:
     """Per document, per row: ``{depth: (summed loss, scored tokens, greedy match)}``.
 
     ``depths``: loop counts (``[None]`` = the model's default; several need a looped model with ``output_depths``).
-    ``batch_size`` bounds the rows of one forward; ``max_length`` is the model's context (cached prefix + own tokens
-    of a batch must fit in it). ``prefix_cache`` builds the cache a shared prefix is stored in (default: the model's
-    own; e.g. a bounded ``ParcaeSharedLoopCache`` to measure its effect on scores).
+    ``batch_size`` bounds the rows of one forward and ``max_batch_tokens`` its padded tokens (None: no bound);
+    ``max_length`` is the model's context (cached prefix + own tokens of a batch must fit in it). ``prefix_cache``
+    builds the cache a shared prefix is stored in (default: the model's own; e.g. a bounded ``ParcaeSharedLoopCache``
+    to measure its effect on scores). A batch that runs out of device memory is retried with the token bound halved.
     """
     docs = [_Document(rows, i, shared_prefix_length(rows)) for i, rows in enumerate(documents)]
     results: list[list[dict]] = [[{} for _ in rows] for rows in documents]
     shared = sorted((d for d in docs if d.prefix > 0), key=lambda d: (-d.prefix, -d.suffix_width))
     whole = sorted((d for d in docs if d.prefix == 0), key=lambda d: -max(len(r.tokens) for r in d.rows))
-    batches = _batches(shared, batch_size, max_length) + _batches(whole, batch_size, max_length)
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc=desc, disable=disable_tqdm):
-            rows = [(d, k, row) for d in batch for k, row in enumerate(d.rows)]
-            logits_by_depth, first = _forward_batch(model, batch, pad_id, depths, device, prefix_cache)
-            for depth, logits in zip(depths, logits_by_depth):
-                for (d, k, _), score in zip(rows, _span_scores(logits, rows, first)):
-                    results[d.index][k][depth] = score
+    done: set[int] = set()
+    with torch.inference_mode(), tqdm(total=len(docs), desc=desc, disable=disable_tqdm) as progress:
+        while len(done) < len(docs):
+            groups = [[d for d in group if d.index not in done] for group in (shared, whole)]
+            batches = [b for group in groups for b in _batches(group, batch_size, max_length, max_batch_tokens)]
+            try:
+                for batch in batches:
+                    _score_batch(model, batch, pad_id, depths, device, prefix_cache, results)
+                    done.update(d.index for d in batch)
+                    progress.update(len(batch))
+            except torch.cuda.OutOfMemoryError:  # the budget was an estimate: halve it and go on with the rest
+                tokens = max_batch_tokens or max(_tokens(b) for b in batches)
+                if tokens // 2 < MIN_BATCH_TOKENS:
+                    raise
+                max_batch_tokens = tokens // 2
+                torch.cuda.empty_cache()
     return results
 
 
-def _batches(docs: list[_Document], batch_size: int, max_length: int) -> list[list[_Document]]:
-    """Consecutive documents whose rows fit in ``batch_size`` and whose longest prefix plus longest own part fits in
-    the context (the cached prefix is right-padded to the longest one). A document never splits."""
+def _score_batch(model, batch: list[_Document], pad_id: int, depths: list[int | None], device,
+                 prefix_cache: Callable[[], object] | None, results: list[list[dict]]) -> None:
+    rows = [(d, k, row) for d in batch for k, row in enumerate(d.rows)]
+    logits_by_depth, first = _forward_batch(model, batch, pad_id, depths, device, prefix_cache)
+    for depth, logits in zip(depths, logits_by_depth):
+        for (d, k, _), score in zip(rows, _span_scores(logits, rows, first)):
+            results[d.index][k][depth] = score
+
+
+def _width(batch: list[_Document]) -> int:
+    """Padded positions per row: the cached prefix is right-padded to the longest one, then the longest own part."""
+    return max(d.prefix for d in batch) + max(d.suffix_width for d in batch)
+
+
+def _tokens(batch: list[_Document]) -> int:
+    return sum(len(d.rows) for d in batch) * _width(batch)
+
+
+def _batches(docs: list[_Document], batch_size: int | None, max_length: int,
+             max_batch_tokens: int | None = None) -> list[list[_Document]]:
+    """Consecutive documents whose rows fit in ``batch_size``, whose rows x padded width fit in ``max_batch_tokens``
+    and whose longest prefix plus longest own part fits in the context. A document never splits (one over the token
+    bound runs alone)."""
     batches: list[list[_Document]] = []
     current: list[_Document] = []
     for doc in docs:
         candidate = [*current, doc]
-        n_rows = sum(len(d.rows) for d in candidate)
-        width = max(d.prefix for d in candidate) + max(d.suffix_width for d in candidate)
-        if current and (n_rows > batch_size or width > max_length):
+        too_many_rows = batch_size is not None and sum(len(d.rows) for d in candidate) > batch_size
+        too_many_tokens = max_batch_tokens is not None and _tokens(candidate) > max_batch_tokens
+        if current and (too_many_rows or too_many_tokens or _width(candidate) > max_length):
             batches.append(current)
             candidate = [doc]
         current = candidate
     if current:
         batches.append(current)
     return batches
+
+
+def bytes_per_token(model, depths: list[int | None]) -> int:
+    """Upper estimate of the device memory one padded token of a scoring batch holds at its peak: its keys/values in
+    every executed block (the shared-prefix path keeps them all), the logits of every read-out depth in the model's
+    dtype and their float32 copy, and one block's activations with the attention mask's row."""
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    if is_looped(model):
+        loops = max(d if d is not None else config.num_loops for d in depths)
+        blocks = config.num_prelude_layers + loops * config.num_core_layers + len(depths) * config.num_coda_layers
+    else:
+        blocks = getattr(config, "num_hidden_layers", 1)
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * getattr(config, "head_dim", hidden // heads)
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    cache = blocks * 2 * kv_width * itemsize
+    logits = len(depths) * config.vocab_size * (itemsize + 4)
+    activations = (8 * hidden + 3 * intermediate) * 4 + getattr(config, "max_position_embeddings", 2048)
+    return cache + logits + activations
+
+
+def memory_token_budget(model, depths: list[int | None], free_bytes: int | None = None) -> int:
+    """Padded tokens per scoring batch that fit in ``MEMORY_FRACTION`` of ``free_bytes`` (default: what the model's
+    CUDA device has free now)."""
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(next(model.parameters()).device)
+    return max(MIN_BATCH_TOKENS, int(MEMORY_FRACTION * free_bytes) // bytes_per_token(model, depths))
 
 
 def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int | None], device,
@@ -118,11 +188,11 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
         out = model(input_ids=ids, use_cache=False, **_keep(keep_logits, ids.shape[1] - first), **kwargs)
         return logits_at_depths(out, depths), first
     prefix_ids, prefix_mask = pad_right([d.rows[0].tokens[: d.prefix] for d in batch], pad_id, device)
-    cache = {CACHE_ARGUMENT: prefix_cache()} if prefix_cache is not None else {}
+    cache = {"cache": prefix_cache()} if prefix_cache is not None else {}
     # right padding: no real prefix position sees a pad, so the prefix needs no mask (fused causal attention); the
     # rows' own forward below masks the padded prefix positions out
     out = model(input_ids=prefix_ids, use_cache=True, **cache, **_keep(keep_logits, 1), **kwargs)
-    cache = getattr(out, CACHE_ARGUMENT)
+    cache = out.cache
     owner = torch.tensor([i for i, d in enumerate(batch) for _ in d.rows], device=device)
     cache.batch_select_indices(owner)
     own_ids, own_mask = pad_right([r.tokens[d.prefix:] for d in batch for r in d.rows], pad_id, device)
@@ -132,7 +202,7 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
     steps = torch.minimum(torch.arange(own_ids.shape[1], device=device), own_lengths - 1)
     first = min(r.start - 1 - d.prefix for d in batch for r in d.rows) if keep_logits else 0
     out = model(input_ids=own_ids, attention_mask=torch.cat([prefix_mask[owner], own_mask], dim=-1),
-                position_ids=prefix_lengths[:, None] + steps, use_cache=True, **{CACHE_ARGUMENT: cache},
+                position_ids=prefix_lengths[:, None] + steps, use_cache=True, cache=cache,
                 **_keep(keep_logits, own_ids.shape[1] - first), **kwargs)
     return logits_at_depths(out, depths), first
 

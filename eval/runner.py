@@ -9,7 +9,7 @@ from pathlib import Path
 
 from modeling_parcae.eval.aggregate import fit_all, summarize_depth
 from modeling_parcae.eval.bundle import load_baselines, split_available
-from modeling_parcae.eval.lm import ParcaeLM
+from modeling_parcae.eval.lm import CPU_BATCH_SIZE, ParcaeLM
 from modeling_parcae.eval.modelio import is_looped, supports_output_depths
 from modeling_parcae.eval.specs import TASKS
 
@@ -69,11 +69,13 @@ def run_lm_eval(lm: ParcaeLM, tasks: dict, seed: int, log_samples: bool = False)
 
 
 def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: str | Path | None,
-             seeds: list[int], loops: list[int], limit: int | None = None, batch_size: int = 16,
+             seeds: list[int], loops: list[int], limit: int | None = None, batch_size: int | None = None,
              baselines: str = "v1", extended: bool = True, bpb_documents: list[str] | None = None,
-             samples: dict | None = None) -> dict:
+             samples: dict | None = None, max_batch_tokens: int | None = None) -> dict:
     """The full report. Tasks whose data file is missing are skipped with a warning naming them; fails only when
-    nothing can run. If ``samples`` is a dict it receives per-item scores as samples[depth][seed][label]."""
+    nothing can run. If ``samples`` is a dict it receives per-item scores as samples[depth][seed][label].
+    ``batch_size`` / ``max_batch_tokens`` bound a scoring batch's rows / padded tokens (None: ``ParcaeLM``'s
+    defaults for the model's device)."""
     from modeling_parcae.eval.bpb import bits_per_byte, bits_per_byte_at_depths
 
     report: dict = {"model": model_name, "bundle": str(bundle) if bundle else None, "baselines": baselines,
@@ -93,14 +95,15 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
     if not looped and len(loops) > 1:
         logger.warning("model is not looped: evaluating once and reporting the same numbers for every depth")
     cached: dict | None = None
-    lm = ParcaeLM(model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = ParcaeLM(model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    bpb_batch = batch_size or CPU_BATCH_SIZE
     sweep = looped and len(loops) > 1 and supports_output_depths(model)
     if sweep:  # every depth from one pass: the first depth's run scores all of them, the others reuse the scores
         lm.sweep_depths = list(dict.fromkeys(loops))
     bpb_by_depth = {}
     if bpb_documents and sweep:
         bpb_by_depth = bits_per_byte_at_depths(model, tokenizer, bpb_documents, list(dict.fromkeys(loops)),
-                                                batch_size=batch_size)
+                                                batch_size=bpb_batch)
     for depth in loops:
         lm.num_loops = depth
         if cached is not None and not looped:
@@ -118,7 +121,7 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
             entry = summarize_depth(per_seed, baseline_values, extended)
         if bpb_documents:
             entry["bpb"] = bpb_by_depth.get(depth) or bits_per_byte(model, tokenizer, bpb_documents, num_loops=depth,
-                                                                   batch_size=batch_size)
+                                                                   batch_size=bpb_batch)
         report["results"][str(depth)] = cached = entry
     report["fit"] = fit_all(report["results"])
     return report
