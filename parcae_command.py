@@ -20,6 +20,7 @@ COMMAND_HELP = {
     "compare": "per-task and aggregate differences between two eval reports",
     "train": "train a model from a recipe YAML with Accelerate (works under `accelerate launch`)",
     "train-tokenizer": "train a byte-level BPE tokenizer in the official Parcae format",
+    "path": "print the path of a bundled file: the demo model, the lm-eval tasks, a recipe, preset or accelerate config",
 }
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+from modeling_parcae.bundled import model_path_or_name
 from modeling_parcae.inputs import check_device, local_path_or_hub_id, read_json_file
 
 from modeling_parcae.atomic import write_atomically
@@ -39,7 +40,8 @@ def register(subparsers) -> None:
     """Add the ``eval`` and ``compare`` subcommands."""
     p = subparsers.add_parser("eval", help="CORE / Core-Extended / bits-per-byte across loop depths (lm-eval)",
                               description=__doc__)
-    p.add_argument("--model", required=True, help="converted checkpoint directory or Hub id")
+    p.add_argument("--model", required=True, help="converted checkpoint directory, Hub id, or `demo` (the bundled "
+                   "demo model)")
     p.add_argument("--tasks", default="core", help="comma list of groups (core, core_extended), task labels, and/or "
                    "bpb (needs --text); default core")
     p.add_argument("--num-loops", type=_int_list, default=None, help="test-time depths, e.g. 1,2,4,8,16 "
@@ -92,8 +94,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--tasks bpb needs --text FILE")
     bundle = resolve_bundle(args.bundle) if labels else None
     documents = read_documents(args.text, args.limit) if want_bpb else None
-    model, tokenizer = load_model_and_tokenizer(local_path_or_hub_id(args.model, "--model"), device=args.device,
-                                                dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(local_path_or_hub_id(model_path_or_name(args.model), "--model"),
+                                                device=args.device, dtype=args.dtype)
     loops = args.num_loops or [getattr(model.config, "num_loops", None) or 1]
     samples: dict | None = {} if args.log_samples else None
     report = evaluate(model, tokenizer, model_name=args.model, labels=labels, bundle=bundle, seeds=args.seeds,

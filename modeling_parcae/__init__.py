@@ -8,7 +8,8 @@ cached); the remote-code copy of the class saved next to checkpoints does not.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from modeling_parcae.cache_parcae import ParcaeCache, ParcaeSharedLoopCache, ParcaeStaticCache
+from modeling_parcae.bundled import demo_model_path, eval_tasks_path
+from modeling_parcae.cache_parcae import ParcaeSharedLoopCache, ParcaeSlotMap
 from modeling_parcae.configuration_parcae import ParcaeConfig
 from modeling_parcae.conversion.hub import from_pretrained_or_official, load_tokenizer
 from modeling_parcae.modeling_parcae import ParcaeForCausalLM, ParcaeModel, ParcaePreTrainedModel
@@ -27,13 +28,14 @@ ParcaeForCausalLM.from_pretrained = classmethod(from_pretrained_or_official)
 
 __version__ = "0.1.0"
 __all__ = [
-    "ParcaeCache",
     "ParcaeConfig",
     "ParcaeForCausalLM",
     "ParcaeModel",
     "ParcaePreTrainedModel",
-    "ParcaeStaticCache",
     "ParcaeSharedLoopCache",
+    "ParcaeSlotMap",
+    "demo_model_path",
+    "eval_tasks_path",
     "list_presets",
     "load_preset",
     "load_tokenizer",

@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = {
     "compare": "modeling_parcae.eval.cli",
     "train": "modeling_parcae.training.cli",
     "train-tokenizer": "modeling_parcae.training.cli",
+    "path": "modeling_parcae.bundled",
 }
 # Subcommands that need an extra of pyproject.toml (the core install loads, converts and generates only).
 SUBCOMMAND_EXTRAS = {"eval": "eval", "compare": "eval", "train": "train", "train-tokenizer": "train"}

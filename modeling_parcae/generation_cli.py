@@ -8,20 +8,12 @@ are loaded or any forward runs.
 
 import argparse
 import time
-from importlib import resources
-from pathlib import Path
-
 import torch
 
+from modeling_parcae.bundled import demo_model_path, model_path_or_name
 from modeling_parcae.configuration_parcae import validate_num_loops
 from modeling_parcae.inputs import check_device, local_path_or_hub_id, naming_damaged_weights
 from modeling_parcae.dtypes import DTYPES, torch_dtype
-
-
-def bundled_model_path() -> Path | None:
-    """The demo model shipped as package data (``modeling_parcae/demo``), if this install carries it."""
-    path = Path(str(resources.files("modeling_parcae").joinpath("demo")))
-    return path if (path / "config.json").exists() else None
 
 
 def parse_loop_list(text: str) -> list[int]:
@@ -44,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate a continuation of PROMPT. Without --model, uses the bundled demo model.",
     )
     parser.add_argument("prompt", help="text to continue")
-    parser.add_argument("--model", help="local directory or Hub repo id (default: the bundled demo model)")
+    parser.add_argument("--model", help="local directory, Hub repo id, or `demo` (default: the bundled demo model)")
     loops = parser.add_mutually_exclusive_group()
     loops.add_argument("--num-loops", type=int, help="core iterations per token (default: the model's num_loops)")
     loops.add_argument("--compare-loops", help="comma-separated loop counts, e.g. 1,2,4,8: one continuation each")
@@ -64,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-KV_MODES = {"exact": "ParcaeCache", "shared": "ParcaeSharedLoopCache"}
+KV_MODES = {"exact": "DynamicCache", "shared": "ParcaeSharedLoopCache"}
 
 
 class LoopCounter:
@@ -96,15 +88,17 @@ def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_th
                         **kwargs) -> tuple:
     """``model.generate`` with the chosen depth rule and cache; returns (output, tokens/s, mean loops per generated
     token, the cache it filled)."""
-    import modeling_parcae.cache_parcae as caches
+    from transformers import DynamicCache
 
-    cache = getattr(caches, KV_MODES[kv_mode])(model.config, num_loops=num_loops)
+    from modeling_parcae.cache_parcae import ParcaeSharedLoopCache
+
+    cache = DynamicCache(config=model.config) if kv_mode == "exact" else ParcaeSharedLoopCache()
     extra = {} if exit_threshold is None else {"exit_threshold": exit_threshold}
     counter = LoopCounter(model)
     start = time.perf_counter()
     try:
         output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_loops=num_loops,
-                                return_dict_in_generate=True, **{caches.CACHE_ARGUMENT: cache}, **extra, **kwargs)
+                                return_dict_in_generate=True, cache=cache, **extra, **kwargs)
     finally:
         mean_loops = counter.close()
     seconds = time.perf_counter() - start
@@ -113,8 +107,10 @@ def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_th
 
 
 def _report(tok_per_s: float, mean_loops: float, cache) -> str:
+    from modeling_parcae.cache_parcae import cache_memory_bytes
+
     return (f"{tok_per_s:7.1f} tok/s   {mean_loops:5.2f} loops/token   KV cache: {len(cache.layers)} slots, "
-            f"{cache.memory_bytes() / 2**20:.2f} MiB")
+            f"{cache_memory_bytes(cache) / 2**20:.2f} MiB")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,11 +189,8 @@ def check_sampling(temperature: float, top_p: float | None, top_k: int | None) -
 
 def _resolve_model(model: str | None) -> str:
     if model is None:
-        bundled = bundled_model_path()
-        if bundled is None:
-            raise FileNotFoundError("no --model given and this installation carries no bundled demo model")
-        return str(bundled)
-    return local_path_or_hub_id(model, "--model")
+        return str(demo_model_path())
+    return local_path_or_hub_id(model_path_or_name(model), "--model")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:

@@ -64,7 +64,7 @@ tokenizer, {summary['steps']} steps / {summary['tokens'] / 1e6:.1f}M tokens on 2
 ```python
 import torch, modeling_parcae
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path = modeling_parcae.generation_cli.bundled_model_path()
+path = modeling_parcae.demo_model_path()
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained(path)
 ids = tokenizer("ROMEO:", return_tensors="pt")

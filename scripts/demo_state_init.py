@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from modeling_parcae import ParcaeForCausalLM
 from modeling_parcae.eval.bpb import bits_per_byte, read_documents
-from modeling_parcae.generation_cli import bundled_model_path
+from modeling_parcae.bundled import demo_model_path
 
 
 LOOPS = (1, 2, 4, 8, 16)
@@ -31,7 +31,7 @@ def held_out_loss(model, tokenizer, documents, loops: int) -> float:
 
 
 def main() -> int:
-    path = bundled_model_path()
+    path = demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     documents = read_documents(path / "heldout.txt")
     zero = ParcaeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -6,12 +6,12 @@ from transformers import AutoTokenizer
 
 from modeling_parcae import ParcaeForCausalLM
 from modeling_parcae.eval.bpb import bits_per_byte, read_documents
-from modeling_parcae.generation_cli import bundled_model_path
+from modeling_parcae.bundled import demo_model_path
 
 
 @pytest.fixture(scope="module")
 def demo():
-    path = bundled_model_path()
+    path = demo_model_path()
     assert path is not None, "modeling_parcae/demo is missing: build it with scripts/build_demo.py"
     model = ParcaeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, model, AutoTokenizer.from_pretrained(path)

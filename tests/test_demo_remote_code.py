@@ -9,7 +9,7 @@ from test_hub_loading import run_python
 from transformers import AutoTokenizer
 
 from modeling_parcae import ParcaeForCausalLM
-from modeling_parcae.generation_cli import bundled_model_path
+from modeling_parcae.bundled import demo_model_path
 
 
 PROMPT = "ROMEO:"
@@ -33,7 +33,7 @@ print(json.dumps({{"module": type(model).__module__, "pipeline_module": type(gen
 
 
 def test_demo_loads_and_generates_with_trust_remote_code_without_the_package(tmp_path):
-    demo = bundled_model_path()
+    demo = demo_model_path()
     config = json.loads((demo / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_parcae.ParcaeForCausalLM"
     model = ParcaeForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
@@ -54,7 +54,7 @@ def test_demo_remote_code_is_the_package_source():
     """The demo carries every file the modeling code imports, each the package's own module (so never stale)."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
-    demo = bundled_model_path()
+    demo = demo_model_path()
     needed = {Path(path).name for path in get_relative_import_files(str(demo.parent / "modeling_parcae.py"))}
     shipped = {path.name for path in demo.glob("*.py")}
     assert {"modeling_parcae.py", "configuration_parcae.py"} | needed <= shipped

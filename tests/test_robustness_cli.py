@@ -102,10 +102,10 @@ def test_truncated_report_is_named_by_compare(tmp_path, capsys):
 def test_truncated_weights_are_named_when_loading_a_model(tmp_path, capsys, command):
     import shutil
 
-    from modeling_parcae.generation_cli import bundled_model_path
+    from modeling_parcae.bundled import demo_model_path
 
     model = tmp_path / "model"
-    shutil.copytree(bundled_model_path(), model)
+    shutil.copytree(demo_model_path(), model)
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     text = tmp_path / "docs.txt"
