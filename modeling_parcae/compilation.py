@@ -1,0 +1,99 @@
+"""Regional compilation: every Parcae block compiled once and reused by every loop, loop count and sampled depth.
+
+``torch.compile`` of the whole model traces ``prelude + num_loops x core + coda`` blocks into one graph: the compile
+time grows with the loop count, and every new loop count (every Poisson depth a training step samples) recompiles.
+The looped core is the same computation in every loop, so compiling the *block* instead gives one graph per kind of
+block call (with or without a value embedding, with or without gradient), whatever the depth.
+
+Two details make that hold:
+
+* blocks are compiled in place (an instance ``forward``): the module tree, the ``state_dict`` keys and the module
+  hooks of DDP and FSDP2 stay as they are, and the hooks run outside the compiled graph;
+* a KV cache is written outside the compiled graph. Each block execution writes its own cache slot, a Python int
+  that differs per loop; inside the graph it would be a guard, i.e. one recompile per slot (the reason transformers'
+  layers, which index the cache by ``layer_idx``, recompile per layer when compiled one by one). The block sees a
+  :class:`_SlotView` of the cache instead, whose ``update`` writes the right slot eagerly; the graph breaks there and
+  resumes after it, so one graph serves every slot.
+
+Accelerate's ``compile_regions`` is not used: it also compiles every other leaf module (a ``ModuleDict`` of value
+embeddings cannot be indexed once wrapped) and copies the blocks; transformers has no regional compilation of its
+own for inference. ``generate`` compiles the whole forward by itself for a static cache on GPU; pass
+``disable_compile=True`` to keep the regional one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# the cache argument of a block under either transformers release (``cache`` from 5.24, ``past_key_values`` before)
+_CACHE_NAMES = ("cache", "past_key_values")
+# graphs per compiled code object before dynamo gives up and runs eagerly: the block graphs multiply with value
+# embedding or not, grad mode, cache or not, prefill or decode shapes and kept positions (the official recipe also
+# raises it to 64)
+_RECOMPILE_LIMIT = 64
+
+
+class _SlotView:
+    """The KV cache as one block execution sees it: ``update`` writes slot ``slot``, eagerly (a graph break)."""
+
+    def __init__(self, cache, slot: int):
+        self.cache, self.slot = cache, slot
+
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.cache, name)
+
+
+class _CompiledBlockForward:
+    """A block's ``forward``: the compiled class ``forward``, called with the cache seen through a :class:`_SlotView`."""
+
+    def __init__(self, block: nn.Module, compiled_forward):
+        self.block, self.compiled_forward = block, compiled_forward
+
+    def __call__(self, *args, **kwargs):
+        for name in _CACHE_NAMES:
+            if kwargs.get(name) is not None:
+                kwargs[name] = _SlotView(kwargs[name], kwargs.get("cache_slot"))
+                kwargs["cache_slot"] = 0  # the slot lives in the view: one constant for every execution
+        return self.compiled_forward(self.block, *args, **kwargs)
+
+
+def parcae_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks (prelude, core and coda) of a Parcae model, also inside wrappers (DDP, PEFT) and for
+    classes loaded as remote code (matched by class name)."""
+    return [module for module in model.modules() if type(module).__name__.endswith("ParcaeDecoderLayer")]
+
+
+def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+                   dynamic: bool | None = None, fullgraph: bool = False) -> nn.Module:
+    """Compile each Parcae block in place (regional compilation); returns ``model`` itself.
+
+    Call it before ``accelerator.prepare`` / ``Trainer(...)`` and leave ``TrainingArguments.torch_compile`` off (it
+    would compile the whole model around the blocks). ``dynamic=False`` suits training (fixed shapes, as the
+    official recipe); the default lets a decode step's growing cache length become a dynamic dimension after the
+    first recompile instead of one graph per length. Idempotent: a compiled block is compiled again with the new
+    settings.
+    """
+    blocks = parcae_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no ParcaeDecoderLayer blocks to compile")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    compiled = {}
+    for block in blocks:
+        cls = type(block)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=dynamic,
+                                          fullgraph=fullgraph)
+        block.forward = _CompiledBlockForward(block, compiled[cls])
+    return model
+
+
+def blocks_are_compiled(model: nn.Module) -> bool:
+    """True when every Parcae block of ``model`` runs through :func:`compile_blocks`."""
+    blocks = parcae_blocks(model)
+    return bool(blocks) and all(isinstance(block.__dict__.get("forward"), _CompiledBlockForward) for block in blocks)

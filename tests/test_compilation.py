@@ -1,0 +1,142 @@
+"""Regional compilation (modeling_parcae.compilation): one graph per kind of block call, whatever the depth.
+
+Recompiles are counted with a dynamo backend that records every graph it is handed and every call of one; the
+numerics of real compiled code are checked with inductor on a toy model (tolerances stated per test).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+from modeling_parcae.compilation import blocks_are_compiled, compile_blocks, parcae_blocks
+
+
+class RecordingBackend:
+    """A dynamo backend that runs each graph as traced and counts graphs, calls and the grad modes compiled for."""
+
+    def __init__(self):
+        self.graphs = 0
+        self.calls = 0
+        self.grad_modes: set[bool] = set()
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs):
+        self.graphs += 1
+        self.grad_modes.add(torch.is_grad_enabled())
+
+        def run(*args):
+            self.calls += 1
+            return graph_module.forward(*args)
+
+        return run
+
+
+def tiny_model(**overrides) -> ParcaeForCausalLM:
+    fields = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_prelude_layers=2,
+                  num_core_layers=2, num_coda_layers=1, max_position_embeddings=64, mean_recurrence=4,
+                  mean_backprop_depth=2, recurrent_iteration_method="per-sequence",
+                  sampling_scheme="poisson-truncated-full")
+    fields.update(overrides)
+    torch.manual_seed(0)
+    return ParcaeForCausalLM(ParcaeConfig(**fields))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_sampled_depths_reuse_one_graph_per_kind_of_block_call():
+    """Per-sequence Poisson depths differ step to step; the graphs compiled in the first step serve all later steps,
+    and every block execution (no-grad and gradient loops alike) is a call of a compiled graph."""
+    model = tiny_model().train()
+    backend = RecordingBackend()
+    compile_blocks(model, backend=backend, dynamic=False)
+    config = model.config
+    input_ids = torch.randint(3, config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    depths, graphs_after_each_step = [], []
+    for _ in range(6):
+        calls_before = backend.calls
+        outputs = model(input_ids, labels=input_ids)
+        outputs.loss.backward()
+        executed = config.num_prelude_layers + config.num_coda_layers + config.num_core_layers * int(
+            outputs.num_loops.max())
+        assert backend.calls - calls_before == executed  # every block ran compiled
+        depths.append(tuple(outputs.num_loops.tolist()))
+        graphs_after_each_step.append(backend.graphs)
+    assert len({max(d) for d in depths}) >= 3, depths  # the steps really ran different depths
+    assert max(depths[0]) > config.mean_backprop_depth  # the first step already had no-grad loops
+    assert backend.grad_modes == {True, False}
+    assert graphs_after_each_step == [graphs_after_each_step[0]] * 6, graphs_after_each_step
+    assert graphs_after_each_step[0] <= 4  # (value embedding or not) x (grad or not), whatever the depth
+
+
+def test_compiled_training_step_equals_eager_and_a_new_depth_does_not_recompile():
+    """Inductor on CPU, fp32: loss within 1e-5 and every gradient within 1e-5 + 1e-4 relative of the eager step
+    (inductor fuses and reorders float32 sums; measured differences are ~1e-7)."""
+    eager = tiny_model().train()
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, dynamic=False)
+    input_ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    state = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))  # the same initial state for both
+    for model in (eager, compiled):
+        model(input_ids, labels=input_ids, num_loops=(1, 2), initial_state=state).loss.backward()
+    loss_eager = eager(input_ids, labels=input_ids, num_loops=(1, 2), initial_state=state).loss
+    loss_compiled = compiled(input_ids, labels=input_ids, num_loops=(1, 2), initial_state=state).loss
+    torch.testing.assert_close(loss_compiled, loss_eager, atol=1e-5, rtol=0)
+    for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled(input_ids, labels=input_ids, num_loops=(3, 2), initial_state=state).loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_state_dict_keys_and_module_tree_are_unchanged():
+    model = tiny_model()
+    keys = list(model.state_dict())
+    compile_blocks(model, backend=RecordingBackend())
+    assert list(model.state_dict()) == keys
+    assert blocks_are_compiled(model) and len(parcae_blocks(model)) == 5
+    assert not blocks_are_compiled(tiny_model())
+
+
+def test_inference_with_a_cache_does_not_recompile_when_num_loops_changes():
+    """Prefill (no cache), cached prefill and greedy generation with the dynamic and the static cache: logits equal
+    eager ones exactly (the recording backend runs the traced graphs as they are), and no new graph once each kind
+    of call has been seen, whatever num_loops."""
+    model = tiny_model().eval()
+    input_ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = {loops: model(input_ids, num_loops=loops, use_cache=False).logits for loops in (2, 3, 6)}
+        generated = {kind: model.generate(input_ids, num_loops=3, max_new_tokens=5, do_sample=False,
+                                          cache_implementation=kind) for kind in ("dynamic", "static")}
+    backend = RecordingBackend()
+    compile_blocks(model, backend=backend)
+    with torch.no_grad():
+        def run_everything(loops: int) -> None:
+            torch.testing.assert_close(model(input_ids, num_loops=loops, use_cache=False).logits, reference[loops],
+                                       atol=0, rtol=0)
+            torch.testing.assert_close(model(input_ids, num_loops=loops, use_cache=True).logits, reference[loops],
+                                       atol=0, rtol=0)
+            for kind in ("dynamic", "static"):
+                tokens = model.generate(input_ids, num_loops=loops, max_new_tokens=5, do_sample=False,
+                                        cache_implementation=kind, disable_compile=True)
+                if loops == 3:
+                    assert torch.equal(tokens, generated[kind]), kind
+
+        run_everything(3)
+        graphs = backend.graphs
+        for loops in (2, 6):
+            run_everything(loops)
+    assert backend.graphs == graphs
+
+
+def test_compile_blocks_rejects_a_model_without_parcae_blocks():
+    with pytest.raises(ValueError, match="no ParcaeDecoderLayer"):
+        compile_blocks(torch.nn.Linear(2, 2))
