@@ -42,13 +42,20 @@ def summarize_depth(per_seed: list[dict[str, float]], baselines: dict[str, float
     return out
 
 
+MAX_K = 50.0  # upper bound of the fitted decay rate
+
+
 def saturating(t, s_inf, s0, k):
     return s_inf - (s_inf - s0) * np.exp(-k * np.asarray(t, dtype=float))
 
 
 def fit_saturating(loops: list[int], scores: list[float]) -> dict:
-    """Least-squares fit of S(T) = S∞ − (S∞ − S0)·exp(−k·T) with k ≥ 0. With fewer than three depths the fit is
-    underdetermined (one of many exact solutions is returned and flagged)."""
+    """Least-squares fit of S(T) = S∞ − (S∞ − S0)·exp(−k·T) with 0 ≤ k ≤ 50.
+
+    The fit is a law only when the points pin it down. It is flagged ``"underdetermined": true`` with the
+    ``"reason"`` when they do not: fewer than three depths (many curves pass through the points), scores that do
+    not move with the depth, a decay rate at its bound (the points show no saturation within the measured depths), or
+    an asymptote far outside the measured scores (an extrapolated trend, e.g. S∞ = -42175 from scores near -6)."""
     from scipy.optimize import OptimizeWarning, curve_fit
 
     t = np.asarray(loops, dtype=float)
@@ -58,12 +65,31 @@ def fit_saturating(loops: list[int], scores: list[float]) -> dict:
     p0 = [float(y[np.argmax(t)]), float(y[np.argmin(t)]), 0.5]
     with warnings.catch_warnings():  # the covariance is undefined for an underdetermined fit; it is not reported
         warnings.simplefilter("ignore", OptimizeWarning)
-        params, _ = curve_fit(saturating, t, y, p0=p0, bounds=([-np.inf, -np.inf, 0.0], [np.inf, np.inf, 50.0]),
+        params, _ = curve_fit(saturating, t, y, p0=p0, bounds=([-np.inf, -np.inf, 0.0], [np.inf, np.inf, MAX_K]),
                               method="trf", maxfev=20000)
     s_inf, s0, k = (float(p) for p in params)
     rmse = math.sqrt(float(np.mean((saturating(t, s_inf, s0, k) - y) ** 2)))
-    return {"S_inf": s_inf, "S0": s0, "k": k, "rmse": rmse, "n_points": len(t), "underdetermined": len(t) < 3,
-            "formula": "S(T) = S_inf - (S_inf - S0) * exp(-k * T)"}
+    reason = _why_not_a_law(t, y, s_inf, k)
+    fit = {"S_inf": s_inf, "S0": s0, "k": k, "rmse": rmse, "n_points": len(t), "underdetermined": reason is not None,
+           "formula": "S(T) = S_inf - (S_inf - S0) * exp(-k * T)"}
+    if reason:
+        fit["reason"] = reason
+    return fit
+
+
+def _why_not_a_law(t: np.ndarray, y: np.ndarray, s_inf: float, k: float) -> str | None:
+    span = float(y.max() - y.min())
+    if len(t) < 3:
+        return "fewer than 3 loop depths: many curves pass through the points"
+    if span <= 1e-12 * max(1.0, float(np.abs(y).max())):
+        return "the scores do not change with the loop depth"
+    if k <= 1e-3 or k >= 0.999 * MAX_K:
+        return f"the decay rate k={k:.3g} is at its bound: the points show no saturation between T={t.min():g} and " \
+               f"T={t.max():g}"
+    if not y.min() - span <= s_inf <= y.max() + span:
+        return f"the asymptote S_inf={s_inf:.4g} lies far outside the measured scores ({y.min():.4g} to " \
+               f"{y.max():.4g}): an extrapolated trend, not a saturation"
+    return None
 
 
 def _metric_points(results: dict[str, dict], metric: str) -> list[tuple[int, float]]:
@@ -99,12 +125,13 @@ def markdown_table(report: dict) -> str:
         cells = []
         for t in loops:
             row = report["results"][t]["tasks"].get(label)
-            cells.append(f"{100 * row['acc']:.2f} ± {100 * row['acc_std']:.2f}" if row else "")
+            cells.append(_with_spread(100 * row["acc"], 100 * row["acc_std"], report["seeds"]) if row else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for metric in ("core", "core_extended"):
         if any(metric in report["results"][t] for t in loops):
-            cells = [f"**{report['results'][t][metric]:.2f} ± {report['results'][t][metric + '_std']:.2f}**"
-                     if metric in report["results"][t] else "" for t in loops]
+            rows = [report["results"][t] for t in loops]
+            cells = [f"**{_with_spread(row[metric], row[metric + '_std'], report['seeds'])}**" if metric in row else ""
+                     for row in rows]
             lines.append(f"| **{metric.upper().replace('_', '-')}** | " + " | ".join(cells) + " |")
     if any("bpb" in report["results"][t] for t in loops):
         lines.append("| val loss (nats/token) | " + " | ".join(
@@ -112,11 +139,17 @@ def markdown_table(report: dict) -> str:
         lines.append("| bits per byte | " + " | ".join(
             f"{report['results'][t]['bpb']['bpb']:.4f}" for t in loops) + " |")
     for metric, fit in report.get("fit", {}).items():
-        if "S_inf" in fit:
-            note = " (underdetermined: fewer than 3 depths)" if fit["underdetermined"] else ""
+        if fit.get("underdetermined"):
+            lines.append(f"\n{metric}: no test-time law fitted ({fit['reason']})")
+        elif "S_inf" in fit:
             lines.append(f"\n{metric}: S(T) = {fit['S_inf']:.3f} − ({fit['S_inf']:.3f} − {fit['S0']:.3f})·"
-                         f"exp(−{fit['k']:.3f}·T), rmse {fit['rmse']:.3f}{note}")
+                         f"exp(−{fit['k']:.3f}·T), rmse {fit['rmse']:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def _with_spread(value: float, std: float, seeds: list[int]) -> str:
+    """``mean ± std`` over seeds; a single seed has no spread to show (not "± 0.00")."""
+    return f"{value:.2f} ± {std:.2f}" if len(seeds) > 1 else f"{value:.2f}"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -144,7 +177,7 @@ def plot(report: dict, path: Path) -> None:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=errors, fmt="o", color=colours[metric],
                         label=metric.replace("_", "-").upper() if metric != "val_loss" else "held-out loss")
             fit = report.get("fit", {}).get(metric, {})
-            if "S_inf" in fit:
+            if "S_inf" in fit and not fit["underdetermined"]:
                 grid = np.linspace(min(loops), max(loops), 200)
                 ax.plot(grid, saturating(grid, fit["S_inf"], fit["S0"], fit["k"]), color=colours[metric], alpha=0.7,
                         label=f"fit: S∞={fit['S_inf']:.3f}, S0={fit['S0']:.3f}, k={fit['k']:.2f}")

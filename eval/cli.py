@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 from pathlib import Path
 
 from modeling_parcae.bundled import model_path_or_name
@@ -14,6 +15,7 @@ from modeling_parcae.inputs import check_device, local_path_or_hub_id, read_json
 
 from modeling_parcae.atomic import write_atomically
 from modeling_parcae.dtypes import DTYPES
+from modeling_parcae.eval.specs import CORE_LABELS
 
 
 def _int_list(text: str) -> list[int]:
@@ -120,22 +122,36 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def compare_reports(a: dict, b: dict) -> str:
-    """Text table of B − A per task (accuracy ×100) and per aggregate, for every loop depth in both reports."""
+    """Text table of B − A per task (accuracy ×100) and per aggregate, for every loop depth in both reports. Settings
+    that differ (baselines, --limit, seeds, task sets) are warned about first; where the task sets differ, CORE and
+    Core-Extended are compared over the tasks both reports ran, never as the reports' own means over different sets."""
     lines = [f"A = {a['model']}  (baselines {a['baselines']})", f"B = {b['model']}  (baselines {b['baselines']})"]
-    if a["baselines"] != b["baselines"]:
-        lines.append("warning: the reports use different baselines; centered values are not comparable")
+    lines += [f"warning: {difference}" for difference in _setting_differences(a, b)]
     for depth in sorted(set(a["results"]) & set(b["results"]), key=int):
         ra, rb = a["results"][depth], b["results"][depth]
+        tasks_a, tasks_b = ra.get("tasks", {}), rb.get("tasks", {})
+        common = [t for t in tasks_a if t in tasks_b]
         lines += ["", f"num_loops = {depth}", f"{'task':36s} {'A':>8s} {'B':>8s} {'B-A':>8s}"]
-        for label in [t for t in ra.get("tasks", {}) if t in rb.get("tasks", {})]:
-            x, y = 100 * ra["tasks"][label]["acc"], 100 * rb["tasks"][label]["acc"]
+        for label in common:
+            x, y = 100 * tasks_a[label]["acc"], 100 * tasks_b[label]["acc"]
             lines.append(f"{label:36s} {x:8.2f} {y:8.2f} {y - x:+8.2f}")
-        dropped = sorted(set(ra.get("tasks", {})) ^ set(rb.get("tasks", {})))
-        if dropped:  # the aggregates below then average different task sets
+        dropped = sorted(set(tasks_a) ^ set(tasks_b))
+        if dropped:
             lines.append(f"dropped (in only one report): {', '.join(dropped)}")
         for metric in ("core", "core_extended"):
-            if metric in ra and metric in rb:
+            if metric not in ra or metric not in rb:
+                continue
+            if not dropped:
                 lines.append(f"{metric.upper():36s} {ra[metric]:8.2f} {rb[metric]:8.2f} {rb[metric] - ra[metric]:+8.2f}")
+                continue
+            members = [t for t in common if metric == "core_extended" or t in CORE_LABELS]
+            if members and all("centered" in tasks_a[t] and "centered" in tasks_b[t] for t in members):
+                x = 100 * statistics.fmean(tasks_a[t]["centered"] for t in members)
+                y = 100 * statistics.fmean(tasks_b[t]["centered"] for t in members)
+                label = f"{metric.upper()} ({len(members)} common tasks)"
+                lines.append(f"{label:36s} {x:8.2f} {y:8.2f} {y - x:+8.2f}")
+            else:
+                lines.append(f"{metric.upper():36s} not compared: the reports average different task sets")
         if "bpb" in ra and "bpb" in rb:
             x, y = ra["bpb"]["bpb"], rb["bpb"]["bpb"]
             lines.append(f"{'bits per byte':36s} {x:8.4f} {y:8.4f} {y - x:+8.4f}")
@@ -143,6 +159,26 @@ def compare_reports(a: dict, b: dict) -> str:
     if only:
         lines.append(f"\nloop depths in only one report: {', '.join(only)}")
     return "\n".join(lines) + "\n"
+
+
+def _setting_differences(a: dict, b: dict) -> list[str]:
+    """What makes two reports' numbers incomparable beyond the models: centering, items (--limit), few-shot seeds,
+    task sets."""
+    differences = []
+    if a["baselines"] != b["baselines"]:
+        differences.append("the reports use different baselines; centered values are not comparable")
+    if a.get("limit") != b.get("limit"):
+        differences.append(f"different --limit (A: {a.get('limit') or 'none'}, B: {b.get('limit') or 'none'}): the "
+                           "tasks were scored on different items")
+    if a.get("seeds") != b.get("seeds"):
+        differences.append(f"different few-shot seeds (A: {a.get('seeds')}, B: {b.get('seeds')})")
+    tasks_a = {t for row in a["results"].values() for t in row.get("tasks", {})}
+    tasks_b = {t for row in b["results"].values() for t in row.get("tasks", {})}
+    if tasks_a != tasks_b:
+        differences.append(f"different task sets ({len(tasks_a)} tasks in A, {len(tasks_b)} in B, "
+                           f"{len(tasks_a & tasks_b)} in both): CORE / Core-Extended are compared over the common "
+                           "tasks only")
+    return differences
 
 
 def read_report(path: str) -> dict:
