@@ -16,6 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="dotted recipe overrides parsed as YAML (e.g. output_dir=runs/x data.block_size=128)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint folder")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile each block once (regional torch.compile), shared by every loop and sampled "
+                            "depth; sets training.compile (default: on where CUDA is present)")
+    train.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                       help="bf16 autocast over fp32 weights (used where a bf16-capable GPU is present) or plain "
+                            "fp32; sets training.mixed_precision (default: the recipe's, bf16 in the bundled ones)")
     train.set_defaults(func=_run_train)
 
     tokenizer = subparsers.add_parser(
@@ -45,7 +51,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from modeling_parcae.training.loop import train
     from modeling_parcae.training.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    flags = []
+    if args.compile is not None:
+        flags.append(f"training.compile={str(args.compile).lower()}")
+    if args.dtype is not None:
+        flags.append(f"training.mixed_precision={'no' if args.dtype == 'fp32' else 'bf16'}")
+    recipe = load_recipe(args.recipe, [*args.overrides, *flags])
     train(recipe, resume=args.resume_from or ("latest" if args.resume else None))
     return 0
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset, load_tokenizer
 
 from modeling_parcae.atomic import write_atomically
+from modeling_parcae.compilation import compile_blocks
 from modeling_parcae.inputs import local_path_or_hub_id
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
 from modeling_parcae.training.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, save_final_model
@@ -56,10 +57,16 @@ class TrainState:
 
 
 def resolve_mixed_precision(requested: str) -> str:
-    """bf16 autocast only on GPUs that support it; CPU runs train in fp32."""
+    """bf16 autocast only on GPUs that support it; CPU runs train in fp32. Weights and optimizer states stay fp32
+    either way (Accelerate's autocast casts per op)."""
     if requested == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def resolve_compile(requested: bool | None) -> bool:
+    """``training.compile: null`` compiles where CUDA is present (see ``TrainingRecipe.compile``)."""
+    return torch.cuda.is_available() if requested is None else requested
 
 
 def build_model(recipe: ModelRecipe, tokenizer) -> ParcaeForCausalLM:
@@ -126,6 +133,11 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
               + ", ".join(unused))
     set_seed(recipe.seed)  # the probe drew random initial states: restart the stream so runs depend on the seed only
     model.train()
+    if resolve_compile(settings.compile):
+        # before prepare, so DDP/FSDP2 wrap the compiled blocks and their hooks stay outside the graphs; dynamic=False
+        # as the official recipe: every step has the same shapes
+        compile_blocks(model, backend=settings.compile_backend, dynamic=False)
+        process.print(f"compiling each block ({settings.compile_backend}); the first step includes the compile")
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=resolve_mixed_precision(settings.mixed_precision),

@@ -65,6 +65,11 @@ class TrainingRecipe:
     cooldown_fraction: float = 0.5
     grad_clip: float = 1.0
     mixed_precision: str = "bf16"
+    # regional compilation of every block (modeling_parcae.compilation): null = on where CUDA is present, where a step
+    # runs long enough to repay the compile (tens of seconds) and inductor's GPU kernels are what users expect; on CPU
+    # the compile costs more than a short run saves
+    compile: bool | None = None
+    compile_backend: str = "inductor"
 
 
 @dataclasses.dataclass
