@@ -53,9 +53,11 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="keep N items per task (the official "
                    "max_per_task: shuffle, keep N, draw few-shot examples from those N only) and the first N bpb "
                    "documents (default: everything)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: 16 on CPU; on a GPU "
+                   "no row cap: rows are packed by length up to what half its free memory holds)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations dtype")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights and activations dtype (default: "
+                   "bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--bundle", default=None, help="eval bundle directory (default: $PARCAE_EVAL_BUNDLE, else "
                    "download once into $PARCAE_CACHE or ~/.cache/parcae)")
     p.add_argument("--baselines", default="v1", choices=["v1", "v2"], help="random baselines for centering "
@@ -87,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from modeling_parcae.eval.specs import GROUPS, resolve_task_names
 
     check_device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     for depth in args.num_loops or []:
         validate_num_loops(depth, "--num-loops")
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
