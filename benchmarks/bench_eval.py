@@ -6,13 +6,23 @@
 * ``preset``: the same comparison on a randomly initialised ``parcae-140m`` preset with a few tasks (compute-bound).
 * ``sweep``: ``parcae eval --num-loops 1,2,4,8,16`` vs ``--num-loops 16`` alone (golden checkpoint): every depth comes
   from one pass (``output_depths``), so the sweep should cost little more than its deepest depth.
+* ``official``: ``parcae eval`` vs the official evaluator (``receval.tasks.core_extended_eval`` of the official source
+  named by ``PARCAE_OFFICIAL_SRC``, running the official model class on the same weights, under its own process
+  settings: bf16 autocast and TF32 on CUDA), Core-Extended at a fixed ``--limit``, 8 loops, one seed, on CUDA: a
+  random-weight ``parcae-140m``, ours in its GPU defaults (bfloat16, batches packed up to the memory budget). Both
+  write per-item results, compared item by item; an item may flip only where our best option leads by less than
+  ``FLIP_MARGIN`` (bf16 autocast and bf16 weights round differently). ``--smoke``: a tiny model, four tasks, on CPU in
+  fp32 (the official process then runs without autocast), in seconds; without ``PARCAE_OFFICIAL_SRC`` the official
+  side is skipped with the reason in the JSON.
 
 Runs are interleaved (A, B, A, B, ...) and medians reported, since the machine is shared. Writes
-``benchmarks/results/eval_<mode>.json``.
+``benchmarks/results/eval_<mode>.json`` (``eval_official_smoke.json`` for the smoke run).
 
     python benchmarks/bench_eval.py golden --limit 20
     python benchmarks/bench_eval.py sweep --limit 20
     python benchmarks/bench_eval.py preset --limit 4
+    PARCAE_OFFICIAL_SRC=/work/official python benchmarks/bench_eval.py official --limit 100   # a GPU, < 3 min
+    PARCAE_OFFICIAL_SRC=/work/official python benchmarks/bench_eval.py official --smoke       # CPU, seconds
 """
 
 from __future__ import annotations
@@ -34,13 +44,21 @@ SHARED = REPO.parent / "shared"
 PYTHON = sys.executable
 PARCAE = [PYTHON, "-m", "modeling_parcae.cli"]
 PRESET_TASKS = "copa,arc_easy,winograd,lambada_openai"
+SMOKE_TASKS = "copa,arc_easy,winograd,lambada_openai"
+SEED = 1234
+# mean nats per token: an item scored by both evaluators may be judged differently only where our best option leads
+# the next by less than this (bf16 weights vs the official bf16 autocast over fp32 weights round differently)
+FLIP_MARGIN = 0.02
 
 
 def machine() -> str:
     import torch
 
-    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other processes; torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads")
+    import transformers
+
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return (f"{gpu}{os.cpu_count()} CPU cores ({platform.machine()}), shared with other processes; torch "
+            f"{torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
 
 
 def timed(command: list[str]) -> tuple[float, float, str]:
@@ -59,7 +77,7 @@ def timed(command: list[str]) -> tuple[float, float, str]:
 
 def eval_command(model: Path, tasks: str, loops: str, limit: int, output: Path, bundle: Path) -> list[str]:
     return [*PARCAE, "eval", "--model", str(model), "--tasks", tasks, "--num-loops", loops, "--limit", str(limit),
-            "--seeds", "1234", "--dtype", "float32", "--bundle", str(bundle), "--batch-size", "32",
+            "--seeds", str(SEED), "--dtype", "float32", "--bundle", str(bundle), "--batch-size", "32",
             "--output", str(output)]
 
 
@@ -144,26 +162,204 @@ def compare_with_reference(model: Path, tasks: str, loops: int, limit: int, bund
             "tasks_scored": len(reference_acc)}
 
 
+# -- ours vs the official evaluator ------------------------------------------------------------------------------------
+
+def random_model(workdir: Path, smoke: bool) -> Path:
+    """``parcae-140m`` with N(0, 0.02) weights (``released_models.build_parcae``), or for ``--smoke`` a tiny model with
+    a 256-token context, saved in fp32 with the golden test tokenizer."""
+    import torch
+
+    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+    from modeling_parcae.conversion.tokenizer import load_official_tokenizer
+
+    out = workdir / ("tiny-random" if smoke else "parcae-140m-n002")
+    if out.exists():
+        return out
+    if smoke:
+        torch.manual_seed(0)
+        model = ParcaeForCausalLM(ParcaeConfig(vocab_size=288, hidden_size=64, intermediate_size=128,
+                                               num_attention_heads=2, num_prelude_layers=1, num_core_layers=1,
+                                               num_coda_layers=1, mean_recurrence=8, max_position_embeddings=256))
+    else:
+        from released_models import build_parcae
+
+        model = build_parcae("parcae-140m", torch.float32)
+    model.save_pretrained(out)
+    load_official_tokenizer(REPO / "tests" / "fixtures" / "golden" / "tokenizer",
+                            model.config.max_position_embeddings).save_pretrained(out)
+    return out
+
+
+def official_command(model: Path, tasks: str | None, limit: int, device: str, bundle: Path, output: Path
+                     ) -> list[str]:
+    return [PYTHON, str(Path(__file__).resolve()), "_official", "--model", str(model), "--limit", str(limit),
+            "--device", device, "--bundle", str(bundle), "--output", str(output), *(["--tasks", tasks] if tasks else [])]
+
+
+def run_official(args: argparse.Namespace) -> None:
+    """The official evaluator as its own process, as its ``scripts/eval.py`` runs ``core_extended``: its CUDA backend
+    settings, bf16 autocast on CUDA, ``run_core_extended_eval`` with the model's context as ``max_seq_len``. Its model
+    is the official class on the weights of ``--model`` (``released_models.build_official``). Writes per task the
+    accuracy and per item whether it was right (recorded around the official ``evaluate_example``)."""
+    import contextlib
+
+    import torch
+
+    from released_models import build_official, import_official
+    from modeling_parcae import ParcaeForCausalLM
+
+    start = time.perf_counter()
+    model_class, reason = import_official()
+    if model_class is None:
+        raise SystemExit(reason)
+    from parcae_lm.tokenizer import Tokenizer
+    from receval.tasks import core_eval, core_extended_eval
+
+    device = torch.device(args.device)
+    if device.type == "cuda":  # scripts/eval.py, setup_distributed
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+        torch.backends.cuda.enable_math_sdp(False)
+    ours = ParcaeForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = build_official(model_class, ours).to(device).eval()
+    tokenizer = Tokenizer(args.model)
+    if args.tasks:
+        wanted = args.tasks.split(",")
+        core_extended_eval.CORE_EXTENDED_TASKS[:] = [t for t in core_extended_eval.CORE_EXTENDED_TASKS
+                                                    if t["label"] in wanted]
+    # the official evaluator reads the bundle from $PARCAE_CACHE/eval_bundle
+    cache = Path(tempfile.mkdtemp(prefix="official-cache-"))
+    (cache / "eval_bundle").symlink_to(Path(args.bundle).resolve())
+    os.environ["PARCAE_CACHE"] = str(cache)
+    items: list[list[bool]] = []  # per task, in the order the official loop runs them
+    evaluate_task, evaluate_example = core_extended_eval.evaluate_task, core_eval.evaluate_example
+
+    def task_recorded(*args, **kwargs):
+        items.append([])
+        return evaluate_task(*args, **kwargs)
+
+    def recorded(*args, **kwargs):
+        right = evaluate_example(*args, **kwargs)
+        items[-1].append(bool(right))
+        return right
+
+    core_extended_eval.evaluate_task = task_recorded
+    core_eval.evaluate_example = recorded
+    loaded = time.perf_counter()
+    autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    with autocast:
+        result = core_extended_eval.run_core_extended_eval(model, tokenizer, device,
+                                                           max_seq_len=ours.config.max_position_embeddings,
+                                                           max_per_task=args.limit, seeds=[SEED])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_task = dict(zip(result["results"], items))
+    Path(args.output).write_text(json.dumps({
+        "tasks": result["results"], "core": 100 * result["core_metric"],
+        "core_extended": 100 * result["core_extended_metric"], "items": per_task,
+        "seconds": {"start_to_loaded": loaded - start, "scoring": time.perf_counter() - loaded}}) + "\n")
+
+
+def compare_items(ours_samples: dict[str, list[dict]], official_items: dict[str, list[bool]]) -> dict:
+    """Item-by-item agreement; every disagreement with our lead of the best option over the next (None for
+    language-modelling items, judged by greedy exact match)."""
+    compared, flips = 0, []
+    for label, theirs in official_items.items():
+        mine = ours_samples.get(label, [])
+        if len(mine) != len(theirs):
+            flips.append({"task": label, "error": f"{len(mine)} items here, {len(theirs)} in the official run"})
+            continue
+        for index, (sample, right) in enumerate(zip(mine, theirs)):
+            compared += 1
+            if bool(sample["acc"]) != right:
+                losses = sorted(sample["mean_loss"])
+                flips.append({"task": label, "item": index, "ours": bool(sample["acc"]), "official": right,
+                              "our_margin": losses[1] - losses[0] if len(losses) > 1 else None})
+    beyond = [f for f in flips if f.get("our_margin") is None or f["our_margin"] >= FLIP_MARGIN]
+    return {"items_compared": compared, "items_differing": len(flips), "flip_margin": FLIP_MARGIN,
+            "items_differing_beyond_margin": len(beyond), "differing": flips}
+
+
+def compare_with_official(args: argparse.Namespace, workdir: Path, bundle: Path) -> dict:
+    """Whole-process wall time of ``parcae eval`` and of the official evaluator on the same model, tasks and items,
+    and their per-item agreement."""
+    smoke = args.smoke
+    device = "cpu" if smoke else "cuda"
+    model = random_model(workdir, smoke)
+    tasks = args.tasks or (SMOKE_TASKS if smoke else "core_extended")
+    limit = args.limit if args.limit is not None else (11 if smoke else 100)
+    ours_out, official_out = workdir / "ours.json", workdir / "official.json"
+    ours = [*PARCAE, "eval", "--model", str(model), "--tasks", tasks, "--num-loops", "8", "--limit", str(limit),
+            "--seeds", str(SEED), "--device", device, "--dtype", "float32" if smoke else "bfloat16",
+            "--bundle", str(bundle), "--output", str(ours_out), "--log-samples"]
+    report: dict = {"model": f"{model.name}: random weights, fp32 on disk", "device": device, "tasks": tasks,
+                    "limit": limit, "num_loops": 8, "seeds": [SEED], "ours": " ".join(ours[2:])}
+    commands = {"parcae_eval": ours}
+    _, reason = __import__("released_models").import_official()
+    if reason:
+        report["official_skipped"] = reason
+        print(f"official evaluator skipped: {reason}", flush=True)
+    else:
+        commands["official"] = official_command(model, None if tasks == "core_extended" else tasks, limit, device,
+                                                bundle, official_out)
+    if not smoke:  # untimed: the interpreter, torch and the driver into the page cache for whichever runs first
+        subprocess.run([PYTHON, "-c", "import torch, transformers, lm_eval; torch.zeros(1, device='cuda')"],
+                       check=True, cwd=REPO)
+    times, _ = interleave(commands, args.repeats)
+    median = medians(times)
+    mine = json.loads(ours_out.read_text())["results"]["8"]
+    report.update({"seconds": times, "median_seconds": median, "ours_core": mine.get("core"),
+                   "ours_core_extended": mine.get("core_extended"), "tasks_scored": len(mine["tasks"])})
+    if "official" in commands:
+        theirs = json.loads(official_out.read_text())
+        samples = json.loads(ours_out.with_suffix(".samples.json").read_text())["8"][str(SEED)]
+        report.update({
+            "time_vs_official": median["wall"]["parcae_eval"] / median["wall"]["official"],
+            "goal_time_vs_official_at_most": 0.3,
+            "official_core": theirs["core"], "official_core_extended": theirs["core_extended"],
+            "official_phases_seconds": theirs["seconds"],
+            "same_tasks": sorted(theirs["tasks"]) == sorted(mine["tasks"]),
+            # the official accuracy is a float32 mean
+            "same_accuracies": all(abs(mine["tasks"][k]["acc"] - v) < 1e-6 for k, v in theirs["tasks"].items()),
+            "items": compare_items(samples, theirs["items"])})
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["golden", "preset", "sweep", "_reference"])
+    parser.add_argument("mode", choices=["golden", "preset", "sweep", "official", "_reference", "_official"])
     parser.add_argument("--bundle", default=str(SHARED / "eval_bundle"))
-    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--limit", type=int, default=None, help="items per task (default 20; official: 100, smoke 11: the official code needs more items than shots)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--num-loops", type=int, default=None)
     parser.add_argument("--tasks", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--workdir", default=None, help="keeps converted/random models between runs")
+    parser.add_argument("--smoke", action="store_true", help="official mode: tiny model, four tasks, CPU, seconds")
+    parser.add_argument("--device", default="cuda", help="_official: torch device")
+    parser.add_argument("--output", default=None, help="report path (default benchmarks/results/eval_<mode>.json)")
     args = parser.parse_args()
     if args.mode == "_reference":
         return run_reference(args)
+    if args.mode == "_official":
+        return run_official(args)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_eval-"))
     workdir.mkdir(parents=True, exist_ok=True)
     bundle = Path(args.bundle)
     report: dict = {"machine": machine(), "mode": args.mode, "python": platform.python_version(),
                     "process": "whole process: interpreter start, imports, model load, tasks, scoring, report"}
-    if args.mode == "golden":
+    if args.mode != "official" and args.limit is None:
+        args.limit = 20
+    if args.mode == "official":
+        report.update(compare_with_official(args, workdir, bundle))
+    elif args.mode == "golden":
         report["model"] = "golden core_eval (d=64, prelude/core/coda 2/2/2, 768 context), converted"
         report.update(compare_with_reference(golden_model(workdir), args.tasks or "core_extended",
                                              args.num_loops or 4, args.limit, bundle, args.repeats, workdir))
@@ -188,7 +384,7 @@ def main() -> None:
                        "deepest_identical_in_both": report_accuracies(sweep_out, "16") == report_accuracies(
                            deep_out, "16"),
                        "goal_sweep_vs_deepest_at_most": 1.3})
-    path = REPO / "benchmarks" / "results" / f"eval_{args.mode}.json"
+    path = Path(args.output or REPO / "benchmarks" / "results" / f"eval_{args.mode}{'_smoke' if args.smoke else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
