@@ -27,8 +27,8 @@ OVERRIDES = [f"training.max_steps={STEPS}", "training.global_batch_size=8", "che
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 COMPILING = "compiling each block (aot_eager)"
-# aot_eager runs the traced aten ops, but AOTAutograd's decompositions regroup a few reductions (norms, softmax
-# backward): measured per-step loss differences to eager are ~1e-6 over these 4 steps
+# aot_eager runs the traced aten ops (per-step losses equal eager's exactly on this machine); the margin covers
+# AOTAutograd decompositions that regroup a reduction on other CPUs or torch releases
 LOSS_TOLERANCE = 1e-4
 # DDP's all-reduce and FSDP's reduce-scatter sum gradients in different orders (as in tests/test_fsdp.py)
 DISTRIBUTED_TOLERANCE = 2e-3
