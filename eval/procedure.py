@@ -16,10 +16,24 @@ def load_items(bundle: str | Path, spec: TaskSpec, limit: int | None = None) -> 
     """The task's items in evaluation order. ``limit`` follows the official ``max_per_task``: shuffle first, keep the
     first ``limit`` items, and few-shot examples are later drawn from those items only."""
     path = Path(bundle) / "eval_data" / spec.dataset_uri
+    if not path.is_file():
+        raise FileNotFoundError(_missing_data_message(Path(bundle), spec))
     with open(path, encoding="utf-8") as f:
         items = [json.loads(line) for line in f if line.strip()]
     random.Random(SHUFFLE_SEED).shuffle(items)
     return items if check_limit(limit) is None else items[:limit]
+
+
+def _missing_data_message(bundle: Path, spec: TaskSpec) -> str:
+    """Which file is missing, every task of the bundle that cannot run for the same reason, and what can run."""
+    from modeling_parcae.eval.bundle import split_available
+    from modeling_parcae.eval.specs import TASKS
+
+    present, missing = split_available(bundle, list(TASKS))
+    return (f"task {spec.task_name}: the eval bundle {bundle} has no eval_data/{spec.dataset_uri}. This bundle lacks "
+            f"the data of {len(missing)} of {len(TASKS)} tasks ({', '.join(TASKS[m].task_name for m in missing)}), so "
+            "the groups core / core_extended cannot run from it in lm-eval; name the tasks it has instead, e.g. "
+            f"--tasks {','.join(TASKS[p].task_name for p in present)} (`parcae eval` skips missing tasks by itself)")
 
 
 def check_limit(limit: int | None) -> int | None:

@@ -11,6 +11,7 @@ from modeling_parcae.eval.aggregate import fit_all, summarize_depth
 from modeling_parcae.eval.bundle import load_baselines, split_available
 from modeling_parcae.eval.lm import CPU_BATCH_SIZE, ParcaeLM
 from modeling_parcae.eval.modelio import is_looped, supports_output_depths
+from modeling_parcae.eval.quiet import silence_lm_eval_git_probe
 from modeling_parcae.eval.specs import TASKS
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def run_lm_eval(lm: ParcaeLM, tasks: dict, seed: int, log_samples: bool = False)
     from lm_eval.tasks import TaskManager
 
     _collect_environment_once()
+    silence_lm_eval_git_probe()
 
     # an empty manager: the tasks are built already, and the default one would index all of lm-eval's stock tasks
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks.values()), fewshot_random_seed=seed,

@@ -7,8 +7,11 @@ A crash (or SIGKILL) while saving leaves only a ``.tmp-*`` folder behind, never 
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,6 +53,19 @@ def remove_leftovers(output_dir: Path) -> None:
     remove_abandoned_staging(output_dir / "final")
 
 
+@contextmanager
+def _without_shared_tensor_notice() -> Iterator[None]:
+    """Accelerate warns "Removed shared tensor {'lm_head.weight'} while saving" on every save of a model with tied
+    embeddings: expected here (the head is the embedding, re-tied on load), so the notice is held back."""
+    notices = logging.getLogger("accelerate.utils.other")
+    level = notices.level
+    notices.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notices.setLevel(level)
+
+
 def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep_last: int) -> Path:
     """``accelerator.save_state`` into ``directory/step-XXXXXXXX`` atomically, keeping the newest ``keep_last``."""
     final = directory / checkpoint_name(step)
@@ -58,7 +74,8 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep_l
         directory.mkdir(parents=True, exist_ok=True)
         remove_temporaries(directory)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    with _without_shared_tensor_notice():
+        accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # every rank wrote into the same temporary folder, so it is moved here rather than by ``atomic_directory``

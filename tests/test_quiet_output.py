@@ -1,0 +1,46 @@
+"""Library notices that say nothing to a user stay off the console: lm-eval's git probe (``fatal: not a git
+repository``, once per depth and seed outside a checkout) and Accelerate's "Removed shared tensor" on every save of
+the tied embedding."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED_BUNDLE = Path(__file__).resolve().parents[2] / "shared" / "eval_bundle"
+PARCAE = str(Path(sys.executable).parent / "parcae")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+
+
+def test_lm_eval_git_probe_prints_nothing_outside_a_checkout(tmp_path, capfd, monkeypatch):
+    import lm_eval.evaluator
+
+    from modeling_parcae.eval.quiet import silence_lm_eval_git_probe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.evaluator.get_git_commit_hash)
+    lm_eval.evaluator.get_git_commit_hash()
+    assert "not a git repository" in capfd.readouterr().err  # the probe this replaces
+    silence_lm_eval_git_probe()
+    assert lm_eval.evaluator.get_git_commit_hash() is None
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.skipif(not SHARED_BUNDLE.is_dir(), reason=f"needs the eval bundle at {SHARED_BUNDLE}")
+def test_parcae_eval_outside_a_checkout_prints_no_git_error(tmp_path):
+    result = subprocess.run([PARCAE, "eval", "--model", "demo", "--tasks", "copa", "--limit", "2", "--seeds",
+                             "1234,2345", "--num-loops", "1,2", "--bundle", str(SHARED_BUNDLE), "--output",
+                             "out.json"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not a git repository" not in result.stderr + result.stdout
+
+
+def test_training_checkpoints_print_no_shared_tensor_notice(tmp_path):
+    result = subprocess.run([PARCAE, "train", "tiny-cpu", "training.max_steps=2", "checkpoint.every_steps=1",
+                             "eval.every_steps=100", "eval.depths=[1]"], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "runs" / "tiny-cpu" / "checkpoints" / "step-00000002").is_dir()
+    assert "Removed shared tensor" not in result.stderr + result.stdout
