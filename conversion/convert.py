@@ -6,6 +6,7 @@ Both validate everything before writing and write through :func:`atomic_director
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from modeling_parcae.inputs import read_json_file
 
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
+# what a tokenizer folder holds; the official loaders read tokenizer.json (+ the declared specials of the config)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def convert_official_to_transformers(source_dir: str | Path, destination: str | Path, *,
@@ -39,6 +42,8 @@ def convert_official_to_transformers(source_dir: str | Path, destination: str | 
     check_not_overlapping(source_dir, destination)
     checkpoint = read_official_checkpoint(source_dir)
     config = parcae_config_from_official(checkpoint.config, checkpoint.architecture)
+    if checkpoint.config.get("name"):  # kept for the way back (the folder name is not the model's name)
+        config.official_name = checkpoint.config["name"]
     state = official_to_hf(checkpoint.state_dict, config, expected_hf_shapes(config))
     if tokenizer_source is None and (source_dir / "tokenizer.json").is_file():
         tokenizer_source = source_dir
@@ -62,17 +67,22 @@ def convert_official_to_transformers(source_dir: str | Path, destination: str | 
 
 def convert_transformers_to_official(source_dir: str | Path, destination: str | Path, *,
                                      overwrite: bool = False) -> Path:
-    """Write ``config.json`` (with ``_class_name``) + ``model.pt`` as ``parcae_lm.save_pretrained`` does."""
+    """Write ``config.json`` (with ``_class_name``) + ``model.pt`` as ``parcae_lm.save_pretrained`` does, under the
+    official name the model came with (else the source folder's name), with the source's tokenizer files."""
     source_dir = Path(source_dir)
     check_not_overlapping(source_dir, destination)
     if is_official_config(read_config(source_dir)):
         raise ValueError(f"{source_dir} is already in the official format")
     config = ParcaeConfig.from_pretrained(source_dir)
     official_state = hf_to_official(read_safetensors_checkpoint(source_dir), config, expected_hf_shapes(config))
-    official_config = official_config_from_parcae(config, name=source_dir.absolute().name)
+    name = getattr(config, "official_name", None) or source_dir.absolute().name
+    official_config = official_config_from_parcae(config, name=name)
     with atomic_directory(destination, overwrite=overwrite) as staging:
         (staging / "config.json").write_text(json.dumps(official_config, indent=2))
         torch.save(official_state, staging / "model.pt")
+        for tokenizer_file in TOKENIZER_FILES:
+            if (source_dir / tokenizer_file).is_file():
+                shutil.copyfile(source_dir / tokenizer_file, staging / tokenizer_file)
     return Path(destination)
 
 

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from modeling_parcae.conversion.convert import convert_official_to_transformers
 from modeling_parcae.conversion.official_format import WEIGHT_FILES, is_official_config
 from modeling_parcae.conversion.tokenizer import OFFICIAL_TOKENIZER_REPO, load_official_tokenizer
+from modeling_parcae.inputs import naming_damaged_weights
 
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,13 @@ def maybe_load_official_tokenizer(pretrained_model_name_or_path: str | Path, **h
     found = _official_source(pretrained_model_name_or_path, kwargs)
     if found is not None:
         source_dir, _, config = found
-        source = default_tokenizer_source(pretrained_model_name_or_path, source_dir, **kwargs) or OFFICIAL_TOKENIZER_REPO
+        source = default_tokenizer_source(pretrained_model_name_or_path, source_dir, **kwargs)
+        if source is None:
+            offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+            raise FileNotFoundError(
+                f"no tokenizer for {pretrained_model_name_or_path}: it holds no tokenizer.json and "
+                f"{OFFICIAL_TOKENIZER_REPO} could not be fetched nor found in the local Hub cache{offline}; put the "
+                "tokenizer's tokenizer.json next to the weights, or convert with `parcae convert SRC DST --tokenizer DIR`")
         return load_official_tokenizer(source, config.get("block_size"), **_without_revision(kwargs))
     bare = _bare_tokenizer_dir(pretrained_model_name_or_path, kwargs)
     if bare is None:
@@ -86,10 +93,12 @@ def from_pretrained_or_official(cls: type[PreTrainedModel], pretrained_model_nam
     Bound as ``modeling_parcae.ParcaeForCausalLM.from_pretrained`` by the package (not by the modeling file, which is
     also the remote code and must not depend on the converter).
     """
-    if pretrained_model_name_or_path is not None:
-        converted = maybe_convert_official(pretrained_model_name_or_path, **kwargs)
-        pretrained_model_name_or_path = converted or pretrained_model_name_or_path
-    return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+    if pretrained_model_name_or_path is None:
+        return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+    converted = maybe_convert_official(pretrained_model_name_or_path, **kwargs)
+    pretrained_model_name_or_path = converted or pretrained_model_name_or_path
+    with naming_damaged_weights(pretrained_model_name_or_path):  # safetensors' own error names no file
+        return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 def load_tokenizer(pretrained_model_name_or_path: str | Path, **kwargs) -> PreTrainedTokenizerBase:

@@ -14,14 +14,17 @@ from huggingface_hub import hf_hub_download
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from modeling_parcae.inputs import local_path_or_hub_id
+
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 OFFICIAL_TOKENIZER_REPO = "SandyResearch/parcae-tokenizer"
 
 
 def tokenizer_json_path(source: str | Path, **hub_kwargs) -> Path:
-    """``tokenizer.json`` of a local directory, or downloaded from a Hub repo id."""
-    local = Path(source)
+    """``tokenizer.json`` of a local directory, or downloaded from a Hub repo id (a path that does not exist is
+    reported as such, not as a malformed repo id)."""
+    local = Path(local_path_or_hub_id(str(source), "tokenizer"))
     if local.is_dir():
         path = local / "tokenizer.json"
         if not path.is_file():

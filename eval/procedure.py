@@ -18,8 +18,15 @@ def load_items(bundle: str | Path, spec: TaskSpec, limit: int | None = None) -> 
     path = Path(bundle) / "eval_data" / spec.dataset_uri
     if not path.is_file():
         raise FileNotFoundError(_missing_data_message(Path(bundle), spec))
+    items = []
     with open(path, encoding="utf-8") as f:
-        items = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno})") \
+                        from None
     random.Random(SHUFFLE_SEED).shuffle(items)
     return items if check_limit(limit) is None else items[:limit]
 

@@ -1,6 +1,11 @@
 """Rough edges a new user hit, each answered by one clear message naming the file, path or key at fault."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +32,66 @@ def test_missing_task_data_names_the_file_the_tasks_that_cannot_run_and_those_th
     assert f"has no eval_data/{TASKS['mmlu_zeroshot'].dataset_uri}" in message
     assert "lacks the data of 44 of 46 tasks" in message and "core_hellaswag" in message
     assert "--tasks core_copa,core_piqa" in message or "--tasks core_piqa,core_copa" in message
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "golden"
+OFFICIAL = FIXTURES / "released_style" / "official"
+PARCAE = str(Path(sys.executable).parent / "parcae")
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_a_round_trip_keeps_the_config_name_and_carries_the_tokenizer_both_ways(tmp_path):
+    from modeling_parcae import load_tokenizer
+    from modeling_parcae.conversion.convert import convert_official_to_transformers, convert_transformers_to_official
+
+    converted = convert_official_to_transformers(OFFICIAL, tmp_path / "some-folder-hf",
+                                                 tokenizer_source=FIXTURES / "tokenizer")
+    back = convert_transformers_to_official(converted, tmp_path / "another-folder")
+    assert json.loads((back / "config.json").read_text())["name"] == json.loads(
+        (OFFICIAL / "config.json").read_text())["name"] == "tiny-released-style"
+    assert (back / "tokenizer.json").read_bytes() == (converted / "tokenizer.json").read_bytes()
+    text = "To be, or not to be"
+    assert load_tokenizer(back)(text).input_ids == load_tokenizer(converted)(text).input_ids
+
+
+def test_a_missing_local_tokenizer_path_is_reported_as_a_missing_path(tmp_path, capsys):
+    from modeling_parcae.cli import main
+
+    assert main(["convert", str(OFFICIAL), str(tmp_path / "dst"), "--tokenizer", "./no-such-tokenizer"]) == 2
+    error = capsys.readouterr().err
+    assert "path ./no-such-tokenizer does not exist" in error and "Repo id" not in error
+    assert not (tmp_path / "dst").exists()
+
+
+def test_an_official_checkpoint_without_tokenizer_offline_says_so(tmp_path):
+    model = tmp_path / "official-no-tokenizer"
+    shutil.copytree(OFFICIAL, model)
+    env = {**OFFLINE, "HF_HOME": str(tmp_path / "hf")}  # an empty Hub cache: the official tokenizer is not in it
+    result = subprocess.run([PARCAE, "generate", "--model", str(model), "Hi"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"parcae generate: error: no tokenizer for {model}: it holds no tokenizer.json")
+    assert "SandyResearch/parcae-tokenizer" in line and "HF_HUB_OFFLINE is set" in line
+
+
+def test_truncated_safetensors_name_the_file_from_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from modeling_parcae import ParcaeForCausalLM, demo_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_path(), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for loader in (ParcaeForCausalLM, AutoModelForCausalLM):
+        with pytest.raises(ValueError, match=re.escape(f"{weights} is truncated or corrupt")):
+            loader.from_pretrained(model)
+
+
+def test_a_bad_line_in_a_task_file_names_the_file_and_the_line(tmp_path):
+    bundle = _bundle_with(tmp_path, ["copa"])
+    path = bundle / "eval_data" / TASKS["copa"].dataset_uri
+    path.write_text(path.read_text() + '{"query": "q", "choices": ["a", "b"], "gold": 0\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: not valid JSON")):
+        load_items(bundle, TASKS["copa"])
