@@ -1,0 +1,353 @@
+"""One GPU run (<= 6 minutes on one H200-class GPU): training step and inference, ours vs the official class vs an
+unrolled Llama, eager and compiled. ``--smoke`` runs every section at toy shapes on CPU in seconds (a test runs it).
+
+Training step (forward + cross-entropy + backward, no optimizer) at the parcae-140m shape, random N(0, 0.02)
+weights, batch 8 x 2048, 4 no-grad + 4 gradient loops, bf16 autocast over fp32 weights (the ``parcae train`` and
+official recipes), flash SDPA where the GPU has it:
+
+* ours eager; ours with every block compiled (``modeling_parcae.compilation.compile_blocks``, as ``parcae train
+  --compile``); the same plus the chunked head + loss (``chunked_loss.py``, no float32 logits);
+* the official class (``PARCAE_OFFICIAL_SRC``; skipped with the reason without it), eager and with every block
+  compiled the way its recipe's "selective" backend does (``torch.compile(block, backend="inductor",
+  dynamic=False)`` per block of ``transformer.prelude / core_block / coda``).
+
+Per row: ms/step (median of the timed steps), tokens/s, peak allocated memory, model FLOP/s (FLOPs of one step as
+``torch.utils.flop_counter`` counts them on ours eager: matmuls and attention, forward and backward as executed) and
+its fraction of the device's bf16 matmul peak, measured here (an 8192^3 bf16 matmul).
+
+Inference at the same shape (batch 8 x 2048 prefill with full logits; greedy decode at batch 1 after a 512-token
+prompt), ours vs the unrolled Llama that executes as many blocks (``released_models.py``): eager, and compiled —
+ours block by block (regional), Llama as one whole-model graph (its usual compile) — with the compile time of the
+first call and the graphs compiled when ``num_loops`` changes (Llama: when its executed depth changes).
+
+    PARCAE_OFFICIAL_SRC=/path/to/official python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json
+    python benchmarks/bench_gpu.py --smoke          # CPU, toy shapes, a few seconds per section
+    python benchmarks/bench_gpu.py --smoke --sections inference --preset parcae-140m --backend inductor \
+        --out benchmarks/results/compile_cpu.json   # CPU compile times, regional vs whole-model Llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench_released_shapes import machine_description, save_report
+from released_models import (
+    build_llama, build_official, build_parcae, executed_depth, import_official, set_llama_depth,
+)
+from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+from modeling_parcae.chunked_loss import chunked_linear_cross_entropy
+from modeling_parcae.compilation import compile_blocks
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
+FULL = dict(preset="parcae-140m", batch=8, seq_len=2048, no_grad=4, grad=4, timed_steps=5, matmul=8192,
+            decode_prompt=512, decode_steps=32, loops=8, other_loops=4, backend="inductor")
+# aot_eager: the smoke run exercises capture, graphs and recompile counting, not inductor's C++ builds (minutes on CPU)
+SMOKE = dict(preset=None, batch=2, seq_len=32, no_grad=1, grad=1, timed_steps=2, matmul=256,
+             decode_prompt=16, decode_steps=3, loops=2, other_loops=3, backend="aot_eager")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(call: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    call()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def peak_bytes(call: Callable[[], object], device: torch.device) -> int | None:
+    """Peak allocated memory during one call (CUDA caching allocator statistics; None on CPU)."""
+    if device.type != "cuda":
+        call()
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated()
+
+
+def graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def bf16_matmul_peak(size: int, device: torch.device) -> float:
+    """FLOP/s of a large square bf16 matmul, the best of several timed runs (the device's practical peak)."""
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    repeats = 20 if device.type == "cuda" else 2
+    best = min(timed(lambda: [a @ b for _ in range(repeats)], device) for _ in range(3))
+    return 2 * size**3 * repeats / best
+
+
+def toy_model(dtype: torch.dtype) -> ParcaeForCausalLM:
+    config = ParcaeConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_attention_heads=2,
+                          num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return ParcaeForCausalLM(config).to(dtype)
+
+
+# -- training step ---------------------------------------------------------------------------------------------------
+
+def ours_step(model, rows: torch.Tensor, loops: tuple[int, int], chunked: bool, autocast) -> Callable[[], None]:
+    """``parcae train``'s step: inputs ``rows[:, :-1]``, targets ``rows[:, 1:]``, mean cross-entropy."""
+    def step() -> None:
+        with autocast():
+            if chunked:
+                hidden = model.model(rows[:, :-1], num_loops=loops, use_cache=False).last_hidden_state
+                loss = chunked_linear_cross_entropy(hidden, model.lm_head.weight, rows[:, 1:])
+            else:
+                logits = model(rows[:, :-1], num_loops=loops, use_cache=False).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def official_step(model, rows: torch.Tensor, loops: tuple[int, int], autocast) -> Callable[[], None]:
+    def step() -> None:
+        with autocast():  # the official forward takes targets already shifted
+            loss = model(rows[:, :-1], labels=rows[:, 1:].contiguous(),
+                         num_steps_pair=torch.tensor(list(loops)))["loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def compile_official_blocks(model, backend: str) -> None:
+    """The official recipe's "selective" compile: each block of prelude / core_block / coda on its own."""
+    for name in ("prelude", "core_block", "coda"):
+        blocks = getattr(model.transformer, name, None)
+        if blocks is not None:
+            setattr(model.transformer, name, torch.nn.ModuleList(
+                torch.compile(block, backend=backend, dynamic=False) for block in blocks))
+
+
+def training_row(step: Callable[[], None], steps: int, tokens: int, flops: float, peak_flops: float,
+                 device: torch.device) -> dict:
+    started = time.perf_counter()
+    step()  # warm-up: compiles the compiled variants
+    warmup = time.perf_counter() - started
+    step()
+    times = [timed(step, device) for _ in range(steps)]
+    peak = peak_bytes(step, device)
+    median = statistics.median(times)
+    return dict(ms_per_step=1000 * median, times_ms=[1000 * t for t in times], tokens_per_s=tokens / median,
+                peak_gib=peak / 2**30 if peak is not None else None, first_step_s=warmup,
+                model_tflop_per_s=flops / median / 1e12, fraction_of_bf16_peak=flops / median / peak_flops)
+
+
+def bench_training(settings: dict, device: torch.device, peak_flops: float, official_class) -> dict:
+    build = (lambda: build_parcae(settings["preset"], torch.float32)) if settings["preset"] else \
+        (lambda: toy_model(torch.float32))
+    ours = build().to(device).train()
+    rows = torch.randint(3, ours.config.vocab_size, (settings["batch"], settings["seq_len"] + 1),
+                         generator=torch.Generator().manual_seed(0)).to(device)
+    loops = (settings["no_grad"], settings["grad"])
+    tokens = settings["batch"] * settings["seq_len"]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    with FlopCounterMode(display=False) as counter:
+        ours_step(ours, rows, loops, False, autocast)()
+    flops = counter.get_total_flops()
+    rows_out = {}
+
+    def run(name: str, step: Callable[[], None]) -> None:
+        log(f"training: {name}")
+        rows_out[name] = training_row(step, settings["timed_steps"], tokens, flops, peak_flops, device)
+        log(f"  {rows_out[name]['ms_per_step']:.1f} ms/step, first step {rows_out[name]['first_step_s']:.1f} s")
+
+    # every row holds the same weight tensors (compiled in place; the official class shares ours), so the peaks differ
+    # by activations, gradients and workspace only
+    run("ours eager", ours_step(ours, rows, loops, False, autocast))
+    compile_blocks(ours, backend=settings["backend"], dynamic=False)
+    run("ours compiled", ours_step(ours, rows, loops, False, autocast))
+    run("ours compiled, chunked loss", ours_step(ours, rows, loops, True, autocast))
+    if official_class is not None:
+        official = build_official(official_class, ours).to(device).train()
+        run("official eager", official_step(official, rows, loops, autocast))
+        compile_official_blocks(official, settings["backend"])
+        run("official compiled", official_step(official, rows, loops, autocast))
+        del official
+    del ours
+    torch._dynamo.reset()
+    result = dict(model_flops_per_step=flops, rows=rows_out)
+    if "official compiled" in rows_out:
+        for name in ("ours compiled", "ours compiled, chunked loss"):
+            result[f"{name} / official compiled"] = dict(
+                time=rows_out[name]["ms_per_step"] / rows_out["official compiled"]["ms_per_step"],
+                memory=(rows_out[name]["peak_gib"] / rows_out["official compiled"]["peak_gib"]
+                        if rows_out[name]["peak_gib"] else None))
+    return result
+
+
+# -- inference -------------------------------------------------------------------------------------------------------
+
+def prefill_row(call: Callable[[int], object], loops: int, other_loops: int, tokens: int, device) -> dict:
+    """First call (compile included), median of 3 timed calls, then a call at ``other_loops`` and the graphs it
+    compiled."""
+    graphs = graphs_compiled()
+    first = timed(lambda: call(loops), device)
+    times = [timed(lambda: call(loops), device) for _ in range(3)]
+    compiled_first = graphs_compiled() - graphs
+    graphs = graphs_compiled()
+    other_first = timed(lambda: call(other_loops), device)
+    median = statistics.median(times)
+    return dict(ms=1000 * median, tokens_per_s=tokens / median, first_call_s=first, graphs_compiled=compiled_first,
+                graphs_compiled_at_other_loops=graphs_compiled() - graphs, first_call_at_other_loops_s=other_first)
+
+
+
+
+def decode_rate(model, prompt: torch.Tensor, loops: int | None, steps: int, device) -> float:
+    """Greedy tokens/s of ``steps`` cached decode steps after a prefill (``loops=None``: a Llama), each model with
+    the cache its own forward builds."""
+    extra = {} if loops is None else {"num_loops": loops}
+    output = model(prompt, use_cache=True, logits_to_keep=1, **extra)
+    name = "cache" if "cache" in output else "past_key_values"  # transformers 5.24 renamed it
+    extra[name] = output[name]
+    token = output.logits[:, -1:].argmax(-1)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        logits = model(token, use_cache=True, logits_to_keep=1, **extra).logits
+        token = logits[:, -1:].argmax(-1)
+    synchronize(device)
+    return steps / (time.perf_counter() - started)
+
+
+def bench_inference(settings: dict, device: torch.device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ours = (build_parcae(settings["preset"], dtype) if settings["preset"] else toy_model(dtype)).to(device)
+    config = ours.config
+    loops, other = settings["loops"], settings["other_loops"]
+    llama = build_llama(config, executed_depth(config, max(loops, other)), dtype).to(device)
+    batch = torch.randint(3, config.vocab_size, (settings["batch"], settings["seq_len"]),
+                          generator=torch.Generator().manual_seed(1)).to(device)
+    prompt = batch[:1, :settings["decode_prompt"]]
+    tokens = batch.numel()
+
+    def ours_prefill(n):
+        return ours(batch, num_loops=n, use_cache=False).logits
+
+    def llama_prefill_of(model):
+        def call(n):
+            set_llama_depth(llama, executed_depth(config, n))
+            return model(batch, use_cache=False).logits
+        return call
+
+    result = {"prefill": {}, "decode": {}}
+    with torch.no_grad():
+        log("inference: eager prefill and decode")
+        result["prefill"]["ours eager"] = prefill_row(ours_prefill, loops, other, tokens, device)
+        result["prefill"]["llama eager"] = prefill_row(llama_prefill_of(llama), loops, other, tokens, device)
+        result["decode"]["ours eager"] = decode_rate(ours, prompt, loops, settings["decode_steps"], device)
+        set_llama_depth(llama, executed_depth(config, loops))
+        result["decode"]["llama eager"] = decode_rate(llama, prompt, None, settings["decode_steps"], device)
+
+        log("inference: llama whole-model compile")
+        torch._dynamo.reset()
+        result["prefill"]["llama compiled (whole model)"] = prefill_row(
+            llama_prefill_of(torch.compile(llama, backend=settings["backend"])), loops, other, tokens, device)
+        torch._dynamo.reset()
+
+        log("inference: ours regional compile")
+        compile_blocks(ours, backend=settings["backend"])
+        result["prefill"]["ours compiled (regional)"] = prefill_row(ours_prefill, loops, other, tokens, device)
+        log("inference: ours regional compile, decode")
+        graphs = graphs_compiled()
+        started = time.perf_counter()
+        decode_rate(ours, prompt, loops, 2, device)  # compiles the cached variants (a growing cache: dynamic length)
+        decode = dict(first_run_s=time.perf_counter() - started, graphs_first_run=graphs_compiled() - graphs)
+        graphs = graphs_compiled()
+        result["decode"]["ours compiled (regional)"] = decode_rate(ours, prompt, loops, settings["decode_steps"],
+                                                                   device)
+        decode["graphs_timed_run"] = graphs_compiled() - graphs
+        graphs = graphs_compiled()
+        decode_rate(ours, prompt, other, settings["decode_steps"], device)
+        decode["graphs_at_other_loops"] = graphs_compiled() - graphs
+        result["decode_regional_compile"] = decode
+        torch._dynamo.reset()
+    prefill = result["prefill"]
+    result["ours/llama"] = dict(
+        eager_prefill_time=prefill["ours eager"]["ms"] / prefill["llama eager"]["ms"],
+        compiled_prefill_time=prefill["ours compiled (regional)"]["ms"] / prefill["llama compiled (whole model)"]["ms"],
+        compile_time=(prefill["ours compiled (regional)"]["first_call_s"]
+                      / prefill["llama compiled (whole model)"]["first_call_s"]),
+        eager_decode_time=result["decode"]["llama eager"] / result["decode"]["ours eager"])
+    return result
+
+
+def versions(device: torch.device) -> dict:
+    info = machine_description(torch.get_num_threads())
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="toy shapes on CPU, every section, a few seconds each")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {RESULTS}, smoke: gpu_smoke.json)")
+    parser.add_argument("--sections", nargs="+", choices=["training", "inference"], default=["training", "inference"])
+    parser.add_argument("--preset", help="model preset instead of the mode's (smoke: a toy model)")
+    parser.add_argument("--backend", help="torch.compile backend instead of the mode's (smoke: aot_eager), e.g. "
+                                          "inductor to measure CPU compile times at smoke shapes")
+    args = parser.parse_args(argv)
+    settings = dict(SMOKE if args.smoke else FULL)
+    settings.update({key: value for key, value in (("preset", args.preset), ("backend", args.backend)) if value})
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        parser.error("no CUDA device: run with --smoke on CPU")
+    output = args.out or RESULTS.with_name("gpu_smoke.json" if args.smoke else "gpu.json")
+    started = time.perf_counter()
+    official_class, official_problem = import_official()
+    if official_problem:
+        log(f"official rows skipped: {official_problem}")
+    log(f"device {device}: measuring the bf16 matmul peak")
+    peak = bf16_matmul_peak(settings["matmul"], device)
+    log(f"  {peak / 1e12:.1f} TFLOP/s")
+    report = dict(benchmark="gpu", smoke=args.smoke, machine=versions(device), settings=settings,
+                  bf16_matmul_peak_tflop_per_s=peak / 1e12, official_skipped=official_problem)
+    if "training" in args.sections:
+        report["training"] = bench_training(settings, device, peak, official_class)
+    if "inference" in args.sections:
+        report["inference"] = bench_inference(settings, device)
+    report["wall_seconds"] = time.perf_counter() - started
+    save_report(report, output)
+    for name, row in report.get("training", {}).get("rows", {}).items():
+        memory = f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "-"
+        print(f"{name:>30}: {row['ms_per_step']:8.1f} ms/step  {row['tokens_per_s']:10.0f} tok/s  {memory:>9}  "
+              f"{row['model_tflop_per_s']:7.1f} TFLOP/s  {100 * row['fraction_of_bf16_peak']:5.1f}% of peak")
+    for name, row in report.get("inference", {}).get("prefill", {}).items():
+        print(f"{'prefill ' + name:>38}: {row['tokens_per_s']:10.0f} tok/s, first call {row['first_call_s']:.1f} s, "
+              f"graphs at other num_loops {row['graphs_compiled_at_other_loops']}")
+    for name, rate in report.get("inference", {}).get("decode", {}).items():
+        print(f"{'decode ' + name:>38}: {rate:8.1f} tok/s")
+    log(f"done in {report['wall_seconds']:.0f} s; wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
