@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from modeling_parcae.configuration_parcae import ParcaeConfig
-from modeling_parcae.atomic import atomic_directory, check_not_overlapping
+from modeling_parcae.atomic import atomic_directory, check_not_overlapping, remove_abandoned_staging
 from modeling_parcae.conversion.model_card import render_model_card
 from modeling_parcae.conversion.official_config import official_config_from_parcae, parcae_config_from_official
 from modeling_parcae.conversion.official_format import is_official_config, read_config, read_official_checkpoint
@@ -40,6 +40,7 @@ def convert_official_to_transformers(source_dir: str | Path, destination: str | 
 
     source_dir = Path(source_dir)
     check_not_overlapping(source_dir, destination)
+    remove_abandoned_staging(Path(destination))  # what a killed conversion left, even if this one fails early
     checkpoint = read_official_checkpoint(source_dir)
     config = parcae_config_from_official(checkpoint.config, checkpoint.architecture)
     if checkpoint.config.get("name"):  # kept for the way back (the folder name is not the model's name)
@@ -71,6 +72,7 @@ def convert_transformers_to_official(source_dir: str | Path, destination: str | 
     official name the model came with (else the source folder's name), with the source's tokenizer files."""
     source_dir = Path(source_dir)
     check_not_overlapping(source_dir, destination)
+    remove_abandoned_staging(Path(destination))  # what a killed conversion left, even if this one fails early
     if is_official_config(read_config(source_dir)):
         raise ValueError(f"{source_dir} is already in the official format")
     config = ParcaeConfig.from_pretrained(source_dir)

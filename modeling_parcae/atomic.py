@@ -19,9 +19,9 @@ from pathlib import Path
 def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``destination``; on success it becomes ``destination``, on error it vanishes."""
     destination = Path(destination).absolute()
+    remove_abandoned_staging(destination)  # first: a refused write still clears what a killed one left
     check_replaceable(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_staging(destination)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-{os.getpid()}-", dir=destination.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result may live in a shared cache
     try:
@@ -70,6 +70,9 @@ def check_not_overlapping(source: str | Path, destination: str | Path) -> None:
 
 def remove_abandoned_staging(destination: Path) -> None:
     """Delete ``.<name>.partial-<pid>-*`` and ``.<name>.old-<pid>`` siblings whose writing process has died."""
+    destination = Path(destination).absolute()
+    if not destination.parent.is_dir():
+        return
     for leftover in destination.parent.glob(f".{destination.name}.*"):
         kind, _, rest = leftover.name[len(destination.name) + 2:].partition("-")
         pid = rest.split("-", 1)[0]

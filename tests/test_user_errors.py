@@ -95,3 +95,17 @@ def test_a_bad_line_in_a_task_file_names_the_file_and_the_line(tmp_path):
     path.write_text(path.read_text() + '{"query": "q", "choices": ["a", "b"], "gold": 0\n')
     with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: not valid JSON")):
         load_items(bundle, TASKS["copa"])
+
+
+def test_the_next_conversion_removes_what_a_killed_one_left_even_when_it_refuses(tmp_path, capsys):
+    from modeling_parcae.cli import main
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".dst.partial-{int(dead.stdout)}-x1y2"  # a killed conversion's staging folder
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep").write_text("an existing destination")
+    assert main(["convert", str(OFFICIAL), str(tmp_path / "dst")]) == 2  # refused: dst exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert not orphan.exists() and (tmp_path / "dst" / "keep").is_file()
