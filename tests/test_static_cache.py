@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import assert_greedy_agrees, greedy_with_logits, tiny_model
 from transformers import CompileConfig
 
 from modeling_parcae.cache_parcae import ParcaeStaticCache
@@ -24,13 +24,16 @@ def test_static_cache_preallocates_one_fixed_slot_per_executed_block():
 
 @pytest.mark.parametrize("loops", [1, 3])
 def test_generate_with_the_static_cache_equals_the_dynamic_cache(loops):
+    """The static cache attends over its pre-allocated length (other kernels than the dynamic cache): logits of every
+    step within 1e-5, greedy tokens equal up to a near tie."""
     model = tiny_model()
-    dynamic = model.generate(IDS, num_loops=loops, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    dynamic_tokens, dynamic_logits = greedy_with_logits(model, IDS, num_loops=loops, max_new_tokens=6)
     static = model.generate(IDS, num_loops=loops, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
-                            cache_implementation="static")
+                            output_logits=True, cache_implementation="static")
     assert isinstance(static.past_key_values, ParcaeStaticCache)
     assert static.past_key_values.num_loops == loops
-    assert torch.equal(static.sequences, dynamic.sequences)
+    assert_greedy_agrees(static.sequences[:, IDS.shape[1]:], torch.stack(static.logits, dim=1), dynamic_tokens,
+                         dynamic_logits, atol=1e-5)
 
 
 def test_static_cache_refuses_overflow_and_other_cache_implementations():
@@ -59,12 +62,14 @@ def test_the_decode_step_traces_as_one_graph_without_breaks():
 
 
 def test_compiled_static_decode_equals_eager_token_for_token():
-    """generate compiles the decode step (fullgraph, inductor) when the cache is static; greedy tokens must match."""
+    """generate compiles the decode step (fullgraph, inductor) when the cache is static. Inductor fuses and reorders
+    floating-point work, so the compiled steps' logits equal eager's within 1e-5 and the greedy tokens are equal up to
+    a near tie (top-2 gap within 2e-5); a cache position written or read wrongly moves logits by far more."""
     model = tiny_model()
-    eager = model.generate(IDS, num_loops=2, max_new_tokens=5, do_sample=False)
+    eager_tokens, eager_logits = greedy_with_logits(model, IDS, num_loops=2, max_new_tokens=5)
     compile_config = CompileConfig(fullgraph=True)
     compile_config._compile_all_devices = True  # generate compiles on accelerators only unless told (CPU here)
-    compiled = model.generate(IDS, num_loops=2, max_new_tokens=5, do_sample=False, cache_implementation="static",
-                              compile_config=compile_config)
+    tokens, logits = greedy_with_logits(model, IDS, num_loops=2, max_new_tokens=5, cache_implementation="static",
+                                        compile_config=compile_config)
     assert hasattr(model, "_compiled_call")  # generate really took the compiled path
-    assert torch.equal(compiled, eager)
+    assert_greedy_agrees(tokens, logits, eager_tokens, eager_logits, atol=1e-5)
