@@ -42,7 +42,7 @@ Weights are unchanged (the tied embedding is stored once); logits match the offi
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)   # reads the (remote-code) config
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True).eval()
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 ```

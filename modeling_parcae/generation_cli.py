@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+WARM_UP_TOKENS = 8  # untimed tokens generated before --compare-loops times its first depth
 KV_MODES = {"exact": "DynamicCache", "shared": "ParcaeSharedLoopCache"}
 
 
@@ -156,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     print(f"prompt: {args.prompt!r}   ({args.max_new_tokens} new tokens, {_describe(sampling)})")
-    model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=1)  # warm-up, untimed
+    # untimed warm-up at the first depth with the timed runs' settings (prefill and decode steps), so the first
+    # depth is not timed cold: one prefill alone left its first decode steps paying the warm-up
+    generate_with_stats(model, prompt_ids, loop_counts[0], args.exit_threshold, args.kv_mode,
+                        **{**sampling, "max_new_tokens": min(WARM_UP_TOKENS, args.max_new_tokens)})
     for loops in loop_counts:
         torch.manual_seed(args.seed)
         stats = generate_with_stats(model, prompt_ids, loops, args.exit_threshold, args.kv_mode, **sampling)

@@ -72,7 +72,9 @@ print(tokenizer.decode(model.generate(**ids, num_loops=8, max_new_tokens=60)[0])
 ```
 
 Without the package (the directory carries `auto_map` and the modeling code):
-`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` or
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`, `AutoModel.from_pretrained(path,
+trust_remote_code=True)`, `AutoTokenizer.from_pretrained(path, trust_remote_code=True)` (the tokenizer is the standard
+`TokenizersBackend`; transformers reads the remote-code config to choose it, hence the flag) or
 `pipeline("text-generation", model=path, trust_remote_code=True)`.
 
 Training: first/last train loss {summary['first_train_loss']:.3f} / {summary['last_train_loss']:.3f}; held-out
