@@ -83,6 +83,24 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
+def guarded(what: str, call: Callable[[], dict]) -> dict:
+    """``call()``, or a dict naming its error: one failing measurement (an OOM, a compile error) must not cost the
+    others of a run that is hard to repeat."""
+    try:
+        return call()
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"[:2000]
+        log(f"  {what} failed: {message[:300]}")
+        return dict(error=message)
+
+
+def failures(report) -> int:
+    """How many measurements of the report failed (dicts with an ``error`` key, at any depth)."""
+    if isinstance(report, dict):
+        return ("error" in report) + sum(failures(value) for value in report.values())
+    return 0
+
+
 def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -173,8 +191,10 @@ def bench_training(settings: dict, device: torch.device, peak_flops: float, offi
 
     def run(name: str, step: Callable[[], None]) -> None:
         log(f"training: {name}")
-        rows_out[name] = training_row(step, settings["timed_steps"], tokens, flops, peak_flops, device)
-        log(f"  {rows_out[name]['ms_per_step']:.1f} ms/step, first step {rows_out[name]['first_step_s']:.1f} s")
+        rows_out[name] = guarded(name, lambda: training_row(step, settings["timed_steps"], tokens, flops, peak_flops,
+                                                            device))
+        if "error" not in rows_out[name]:
+            log(f"  {rows_out[name]['ms_per_step']:.1f} ms/step, first step {rows_out[name]['first_step_s']:.1f} s")
 
     # every row holds the same weight tensors (compiled in place; the official class shares ours), so the peaks differ
     # by activations, gradients and workspace only
@@ -191,8 +211,10 @@ def bench_training(settings: dict, device: torch.device, peak_flops: float, offi
     del ours
     torch._dynamo.reset()
     result = dict(model_flops_per_step=flops, rows=rows_out)
-    if "official compiled" in rows_out:
+    if "ms_per_step" in rows_out.get("official compiled", {}):
         for name in ("ours compiled", "ours compiled, chunked loss"):
+            if "ms_per_step" not in rows_out[name]:
+                continue
             result[f"{name} / official compiled"] = dict(
                 time=rows_out[name]["ms_per_step"] / rows_out["official compiled"]["ms_per_step"],
                 memory=(rows_out[name]["peak_gib"] / rows_out["official compiled"]["peak_gib"]
@@ -244,7 +266,7 @@ def bench_inference(settings: dict, device: torch.device) -> dict:
     batch = torch.randint(3, config.vocab_size, (settings["batch"], settings["seq_len"]),
                           generator=torch.Generator().manual_seed(1)).to(device)
     prompt = batch[:1, :settings["decode_prompt"]]
-    tokens = batch.numel()
+    tokens, steps = batch.numel(), settings["decode_steps"]
 
     def ours_prefill(n):
         return ours(batch, num_loops=n, use_cache=False).logits
@@ -255,45 +277,55 @@ def bench_inference(settings: dict, device: torch.device) -> dict:
             return model(batch, use_cache=False).logits
         return call
 
-    result = {"prefill": {}, "decode": {}}
+    def llama_decode():
+        set_llama_depth(llama, executed_depth(config, loops))
+        return decode_rate(llama, prompt, None, steps, device)
+
+    def regional_decode() -> dict:
+        """Compiles the cached variants (a growing cache: its length becomes dynamic), then times, then changes
+        ``num_loops``; the graphs compiled in each phase."""
+        graphs, started = graphs_compiled(), time.perf_counter()
+        decode_rate(ours, prompt, loops, 2, device)
+        row = dict(first_run_s=time.perf_counter() - started, graphs_first_run=graphs_compiled() - graphs)
+        graphs = graphs_compiled()
+        row["tokens_per_s"] = decode_rate(ours, prompt, loops, steps, device)
+        row["graphs_timed_run"] = graphs_compiled() - graphs
+        graphs = graphs_compiled()
+        decode_rate(ours, prompt, other, steps, device)
+        row["graphs_at_other_loops"] = graphs_compiled() - graphs
+        return row
+
+    prefill, decode = {}, {}
     with torch.no_grad():
         log("inference: eager prefill and decode")
-        result["prefill"]["ours eager"] = prefill_row(ours_prefill, loops, other, tokens, device)
-        result["prefill"]["llama eager"] = prefill_row(llama_prefill_of(llama), loops, other, tokens, device)
-        result["decode"]["ours eager"] = decode_rate(ours, prompt, loops, settings["decode_steps"], device)
-        set_llama_depth(llama, executed_depth(config, loops))
-        result["decode"]["llama eager"] = decode_rate(llama, prompt, None, settings["decode_steps"], device)
+        prefill["ours eager"] = guarded("prefill", lambda: prefill_row(ours_prefill, loops, other, tokens, device))
+        prefill["llama eager"] = guarded("prefill", lambda: prefill_row(llama_prefill_of(llama), loops, other,
+                                                                        tokens, device))
+        decode["ours eager"] = guarded("decode", lambda: dict(
+            tokens_per_s=decode_rate(ours, prompt, loops, steps, device)))
+        decode["llama eager"] = guarded("decode", lambda: dict(tokens_per_s=llama_decode()))
 
         log("inference: llama whole-model compile")
         torch._dynamo.reset()
-        result["prefill"]["llama compiled (whole model)"] = prefill_row(
-            llama_prefill_of(torch.compile(llama, backend=settings["backend"])), loops, other, tokens, device)
+        whole = torch.compile(llama, backend=settings["backend"])
+        prefill["llama compiled (whole model)"] = guarded("prefill", lambda: prefill_row(
+            llama_prefill_of(whole), loops, other, tokens, device))
         torch._dynamo.reset()
 
-        log("inference: ours regional compile")
+        log("inference: ours regional compile, prefill")
         compile_blocks(ours, backend=settings["backend"])
-        result["prefill"]["ours compiled (regional)"] = prefill_row(ours_prefill, loops, other, tokens, device)
+        prefill["ours compiled (regional)"] = guarded("prefill", lambda: prefill_row(ours_prefill, loops, other,
+                                                                                     tokens, device))
         log("inference: ours regional compile, decode")
-        graphs = graphs_compiled()
-        started = time.perf_counter()
-        decode_rate(ours, prompt, loops, 2, device)  # compiles the cached variants (a growing cache: dynamic length)
-        decode = dict(first_run_s=time.perf_counter() - started, graphs_first_run=graphs_compiled() - graphs)
-        graphs = graphs_compiled()
-        result["decode"]["ours compiled (regional)"] = decode_rate(ours, prompt, loops, settings["decode_steps"],
-                                                                   device)
-        decode["graphs_timed_run"] = graphs_compiled() - graphs
-        graphs = graphs_compiled()
-        decode_rate(ours, prompt, other, settings["decode_steps"], device)
-        decode["graphs_at_other_loops"] = graphs_compiled() - graphs
-        result["decode_regional_compile"] = decode
+        decode["ours compiled (regional)"] = guarded("decode", regional_decode)
         torch._dynamo.reset()
-    prefill = result["prefill"]
-    result["ours/llama"] = dict(
+    result = dict(prefill=prefill, decode=decode)
+    result["ours/llama"] = guarded("ratios", lambda: dict(
         eager_prefill_time=prefill["ours eager"]["ms"] / prefill["llama eager"]["ms"],
         compiled_prefill_time=prefill["ours compiled (regional)"]["ms"] / prefill["llama compiled (whole model)"]["ms"],
         compile_time=(prefill["ours compiled (regional)"]["first_call_s"]
                       / prefill["llama compiled (whole model)"]["first_call_s"]),
-        eager_decode_time=result["decode"]["llama eager"] / result["decode"]["ours eager"])
+        eager_decode_time=decode["llama eager"]["tokens_per_s"] / decode["ours eager"]["tokens_per_s"]))
     return result
 
 
@@ -330,23 +362,30 @@ def main(argv: list[str] | None = None) -> int:
     log(f"  {peak / 1e12:.1f} TFLOP/s")
     report = dict(benchmark="gpu", smoke=args.smoke, machine=versions(device), settings=settings,
                   bf16_matmul_peak_tflop_per_s=peak / 1e12, official_skipped=official_problem)
-    if "training" in args.sections:
-        report["training"] = bench_training(settings, device, peak, official_class)
-    if "inference" in args.sections:
-        report["inference"] = bench_inference(settings, device)
-    report["wall_seconds"] = time.perf_counter() - started
-    save_report(report, output)
+    sections = {"training": lambda: bench_training(settings, device, peak, official_class),
+                "inference": lambda: bench_inference(settings, device)}
+    for name in args.sections:
+        report[name] = guarded(name, sections[name])
+        report["wall_seconds"] = time.perf_counter() - started
+        save_report(report, output)  # after each section: a run cut short keeps what it measured
     for name, row in report.get("training", {}).get("rows", {}).items():
+        if "error" in row:
+            print(f"{name:>30}: failed ({row['error'][:100]})")
+            continue
         memory = f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "-"
         print(f"{name:>30}: {row['ms_per_step']:8.1f} ms/step  {row['tokens_per_s']:10.0f} tok/s  {memory:>9}  "
               f"{row['model_tflop_per_s']:7.1f} TFLOP/s  {100 * row['fraction_of_bf16_peak']:5.1f}% of peak")
-    for name, row in report.get("inference", {}).get("prefill", {}).items():
-        print(f"{'prefill ' + name:>38}: {row['tokens_per_s']:10.0f} tok/s, first call {row['first_call_s']:.1f} s, "
-              f"graphs at other num_loops {row['graphs_compiled_at_other_loops']}")
-    for name, rate in report.get("inference", {}).get("decode", {}).items():
-        print(f"{'decode ' + name:>38}: {rate:8.1f} tok/s")
-    log(f"done in {report['wall_seconds']:.0f} s; wrote {output}")
-    return 0
+    for mode in ("prefill", "decode"):
+        for name, row in report.get("inference", {}).get(mode, {}).items():
+            if "error" in row:
+                print(f"{mode + ' ' + name:>38}: failed ({row['error'][:100]})")
+                continue
+            print(f"{mode + ' ' + name:>38}: {row['tokens_per_s']:10.0f} tok/s" + (
+                f", first call {row['first_call_s']:.1f} s, graphs at other num_loops "
+                f"{row['graphs_compiled_at_other_loops']}" if mode == "prefill" else ""))
+    failed = failures(report)
+    log(f"done in {report['wall_seconds']:.0f} s, {failed} failed measurement(s); wrote {output}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

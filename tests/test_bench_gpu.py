@@ -28,5 +28,5 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert prefill["ours compiled (regional)"]["graphs_compiled"] > 0
     assert prefill["ours compiled (regional)"]["graphs_compiled_at_other_loops"] == 0
     assert prefill["llama compiled (whole model)"]["graphs_compiled_at_other_loops"] > 0  # a new unrolled depth
-    decode = report["inference"]["decode_regional_compile"]
+    decode = report["inference"]["decode"]["ours compiled (regional)"]
     assert decode["graphs_timed_run"] == decode["graphs_at_other_loops"] == 0
