@@ -80,7 +80,9 @@ def set_llama_depth(model: LlamaForCausalLM, num_layers: int) -> None:
 
 
 def executed_depth(config: ParcaeConfig, num_loops: int) -> int:
-    return config.num_cache_slots(num_loops)
+    from modeling_parcae import ParcaeSlotMap
+
+    return ParcaeSlotMap.for_config(config, num_loops).num_slots
 
 
 def import_official() -> tuple[type | None, str | None]:

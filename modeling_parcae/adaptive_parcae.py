@@ -4,10 +4,11 @@ Rule: after each loop ``r`` the relative change of a token's state ``||h_r - h_{
 state channels) is compared with ``exit_threshold``; below it, the token exits and keeps ``h_r`` as its final state.
 Every token runs at least one loop and at most ``num_loops``; a threshold of 0 never exits (the change is never < 0).
 
-Compute is saved, not masked: in a loop where some tokens have exited, the rows that still have active tokens are
-gathered, their active tokens packed to the left, and only those run the core blocks (projections, MLP, attention
-queries); the new states are scattered back. A loop where every token is active runs the ordinary batched path, so a
-threshold that never fires gives exactly the fixed-depth result.
+:class:`ExitPolicy` is a depth policy of ``ParcaeModel``'s one loop (the other is ``LoopSchedule``). Compute is saved,
+not masked: in a loop where some tokens have exited, the rows that still have active tokens are gathered, their active
+tokens packed to the left, and only those run the core blocks (projections, MLP, attention queries); the new states
+are scattered back. A loop where every token is active runs the ordinary batched path, so a threshold that never
+fires gives exactly the fixed-depth result.
 
 What later tokens attend to for loops a token skipped: the keys/values of its last computed loop. Each core block
 keeps the newest keys/values of every token of the forward; exited tokens' entries stay as they were, and that
@@ -20,9 +21,6 @@ This file is part of the remote code copied next to saved checkpoints: it import
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from .cache_parcae import CACHE_ARGUMENT
 
 
 def validate_exit_threshold(exit_threshold: float) -> float:
@@ -31,123 +29,135 @@ def validate_exit_threshold(exit_threshold: float) -> float:
     return float(exit_threshold)
 
 
+class _Packing:
+    """The active tokens of one loop, left-packed per batch row: ``rows`` (batch row of each packed row) and
+    ``tokens`` (rows, width) token indices, -1 for packing slack."""
+
+    def __init__(self, active: torch.Tensor):
+        self.rows = active.any(-1).nonzero().squeeze(-1)
+        counts = active[self.rows].sum(-1)
+        width = int(counts.max())
+        order = torch.sort((~active[self.rows]).long(), dim=-1, stable=True).indices[:, :width]
+        device = active.device
+        self.tokens = torch.where(torch.arange(width, device=device)[None] < counts[:, None], order, -1)
+        self.valid = self.tokens >= 0
+        self.valid_rows = self.rows[:, None].expand_as(self.tokens)[self.valid]
+        self.valid_tokens = self.tokens[self.valid]
+        self.shape = active.shape
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(batch, seq_len, ...) -> (rows, width, ...)."""
+        return tensor[self.rows[:, None], self.tokens.clamp(min=0)]
+
+    def scatter(self, full: torch.Tensor, packed: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
+        """A copy of ``full`` with the packed tokens' entries replaced (``token_dim``: where tokens sit in both)."""
+        full, packed = full.movedim(token_dim, 1).clone(), packed.movedim(token_dim, 1)
+        full[self.valid_rows, self.valid_tokens] = packed[self.valid]
+        return full.movedim(1, token_dim)
+
+    def unpack_attention(self, weights: torch.Tensor) -> torch.Tensor:
+        """Packed attention maps (rows, heads, width, keys) as (batch, heads, seq_len, keys), zero for idle tokens."""
+        full = weights.new_zeros(self.shape[0], weights.shape[1], self.shape[1], weights.shape[-1])
+        full[self.valid_rows, :, self.valid_tokens] = weights.transpose(1, 2)[self.valid]
+        return full
+
+
 class _LatestKeysValues:
-    """Stands in for the cache inside one core block while tokens exit: keeps the newest keys/values of every token of
+    """Stands in for the cache inside the core blocks while tokens exit: keeps the newest keys/values of every token of
     this forward, writes them to the real cache slot (if any) and returns the keys/values the packed queries see."""
 
     def __init__(self, cache):
         self.cache = cache
-        self.latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block index -> (B, heads, T, D) each
-        self.block = 0
-        self.rows: torch.Tensor | None = None  # packed mode: batch row of each packed row
-        self.tokens: torch.Tensor | None = None  # packed mode: (rows, Q) token index, -1 for packing slack
+        self.latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # core block index -> (B, heads, T, D) each
+        self.slots: list[int] = []  # this loop's slot of each core block
+        self.packing: _Packing | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, cache_slot: int, *args, **kwargs):
-        if self.rows is None:  # every token active: the block's own keys/values are the newest of all tokens
-            self.latest[self.block] = (key, value)
+        block = self.slots.index(cache_slot)
+        if self.packing is None:  # every token active: the block's own keys/values are the newest of all tokens
+            self.latest[block] = (key, value)
         else:
-            latest_key, latest_value = (t.clone() for t in self.latest[self.block])
-            valid = self.tokens >= 0
-            rows = self.rows[:, None].expand_as(self.tokens)[valid]
-            tokens = self.tokens[valid]
-            latest_key[rows, :, tokens] = key.transpose(1, 2)[valid]
-            latest_value[rows, :, tokens] = value.transpose(1, 2)[valid]
-            self.latest[self.block] = (latest_key, latest_value)
-        key, value = self.latest[self.block]
+            self.latest[block] = tuple(self.packing.scatter(old, new, token_dim=2)
+                                       for old, new in zip(self.latest[block], (key, value)))
+        key, value = self.latest[block]
         if self.cache is not None:
             key, value = self.cache.update(key, value, cache_slot)
-        if self.rows is not None:
-            key, value = key[self.rows], value[self.rows]
+        if self.packing is not None:
+            key, value = key[self.packing.rows], value[self.packing.rows]
         return key, value
 
-    def fill_skipped(self, slots: list[int]) -> None:
+    def fill(self, slots: list[int]) -> None:
         """A loop nobody runs still fills its cache slots with every token's newest keys/values."""
         if self.cache is not None:
             for block, slot in enumerate(slots):
                 self.cache.update(*self.latest[block], slot)
 
 
-def _packed_mask(tokens: torch.Tensor, key_valid: torch.Tensor, past_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (rows, 1, Q, past + T): a packed query at token ``t`` sees valid keys up to ``past + t``; packing
-    slack sees everything (its output is discarded) so that no softmax row is empty."""
+def _packed_mask(packing: _Packing, key_valid: torch.Tensor, past_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (rows, 1, width, past + T): a packed query at token ``t`` sees valid keys up to ``past + t``;
+    packing slack sees everything (its output is discarded) so that no softmax row is empty."""
+    tokens = packing.tokens
     key_index = torch.arange(key_valid.shape[-1], device=tokens.device)
-    allowed = (key_index[None, None, :] <= past_length + tokens[..., None]) & key_valid[:, None, :]
+    allowed = (key_index[None, None, :] <= past_length + tokens[..., None]) & key_valid[packing.rows][:, None, :]
     allowed = allowed | (tokens < 0)[..., None]
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
 
 
-def adaptive_iterate(
-    model: nn.Module,
-    state: torch.Tensor,
-    embeds: torch.Tensor,
-    num_loops: int,
-    exit_threshold: float,
-    value_embeddings: dict[str, torch.Tensor],
-    block_kwargs: dict,
-    attention_mask: torch.Tensor | None,
-    past_length: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model.core`` up to ``num_loops`` times under the exit rule; returns the final states and the loops each
-    token ran, ``(batch, seq_len)``.
+class ExitPolicy:
+    """The exit rule as a depth policy of the model's loop: ``begin`` hands the loop the tokens still active (all of
+    them, or a packed subset with its own mask, rotary tables and value embeddings), ``end`` merges their new states
+    and applies the rule. ``loops_run`` are the loops each token ran, ``(batch, seq_len)``."""
 
-    ``block_kwargs`` are the ordinary block arguments (the full causal mask, rotary tables, the cache); the packed
-    path builds its own mask from ``attention_mask`` (2D, past + new, 1 = real token) and causality.
-    """
-    batch, seq_len = state.shape[:2]
-    device = state.device
-    cache = block_kwargs.get(CACHE_ARGUMENT)
-    cos, sin = block_kwargs["position_embeddings"]
-    extra = {k: v for k, v in block_kwargs.items() if k not in ("attention_mask", "position_embeddings",
-                                                                 CACHE_ARGUMENT)}
-    key_valid = (attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2
-                 else torch.ones(batch, past_length + seq_len, dtype=torch.bool, device=device))
-    latest = _LatestKeysValues(cache)
-    precomputed = model.injection.precompute(embeds)  # loop-invariant (all-active loops; packed loops recompute)
-    active = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    loops = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
-    for loop in range(num_loops):
-        n_active = int(active.sum()) if loop else active.numel()  # one host sync per loop decides the path
-        if n_active == 0:  # every token has exited: the remaining loops' cache slots get the newest keys/values
-            for skipped in range(loop, num_loops):
-                latest.fill_skipped([block.cache_slot(skipped) for block in model.core])
-            break
-        slots = [block.cache_slot(loop) for block in model.core]
-        if n_active == active.numel():
-            latest.rows = latest.tokens = None
-            hidden = model.injection(state, embeds, precomputed)
-            for index, block in enumerate(model.core):
-                latest.block = index
-                hidden = block(hidden, attention_mask=block_kwargs["attention_mask"], position_embeddings=(cos, sin),
-                               cache_slot=slots[index], **{CACHE_ARGUMENT: latest},
-                               value_embedding=value_embeddings.get(block.value_embedding_key), **extra)
-            new_state = hidden
-        else:
-            rows = active.any(-1).nonzero().squeeze(-1)
-            counts = active[rows].sum(-1)
-            width = int(counts.max())
-            # left-pack each row's active token indices; -1 marks slack
-            order = torch.sort((~active[rows]).long(), dim=-1, stable=True).indices[:, :width]
-            tokens = torch.where(torch.arange(width, device=device)[None] < counts[:, None], order, -1)
-            gather = tokens.clamp(min=0)
+    def __init__(self, num_loops: int, exit_threshold: float, attention_mask: torch.Tensor | None, past_length: int):
+        self.num_loops = num_loops
+        self.exit_threshold = exit_threshold
+        self.padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        self.past_length = past_length
+        self.active: torch.Tensor | None = None
+        self.loops_run: torch.Tensor | None = None
+        self.latest: _LatestKeysValues | None = None
 
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                return t[rows[:, None], gather]
+    def with_grad(self, loop: int) -> bool:
+        return False
 
-            latest.rows, latest.tokens = rows, tokens
-            mask = _packed_mask(tokens, key_valid[rows], past_length, state.dtype)
-            hidden = model.injection(pack(state), pack(embeds))
-            for index, block in enumerate(model.core):
-                latest.block = index
-                table = value_embeddings.get(block.value_embedding_key)
-                hidden = block(hidden, attention_mask=mask, position_embeddings=(pack(cos), pack(sin)),
-                               cache_slot=slots[index], **{CACHE_ARGUMENT: latest},
-                               value_embedding=None if table is None else pack(table), **extra)
-            valid = tokens >= 0
-            new_state = state.clone()
-            new_state[rows[:, None].expand_as(tokens)[valid], tokens[valid]] = hidden[valid]
-        loops += active
-        if loop + 1 < num_loops:  # after the last loop nobody needs the rule
+    def begin(self, loop: int, step, slots: list[int]):
+        kwargs = step.block_kwargs
+        if self.active is None:  # first loop: every token runs
+            batch, seq_len = step.state.shape[:2]
+            self.active = torch.ones(batch, seq_len, dtype=torch.bool, device=step.state.device)
+            self.loops_run = torch.zeros(batch, seq_len, dtype=torch.long, device=step.state.device)
+            self.latest = _LatestKeysValues(kwargs.get("cache"))
+        self.latest.slots = slots
+        n_active = int(self.active.sum()) if loop else self.active.numel()  # one host sync per loop decides the path
+        if n_active == 0:
+            self.latest.fill(slots)
+            return None
+        if n_active == self.active.numel():
+            self.latest.packing = None
+            return step._replace(block_kwargs={**kwargs, "cache": self.latest})
+        packing = self.latest.packing = _Packing(self.active)
+        cos, sin = kwargs["position_embeddings"]
+        mask = _packed_mask(packing, self._key_valid(step.state), self.past_length, step.state.dtype)
+        packed_kwargs = {**kwargs, "cache": self.latest, "attention_mask": mask,
+                         "position_embeddings": (packing.pack(cos), packing.pack(sin)),
+                         "unpack_attention_rows": packing.unpack_attention}
+        return step._replace(state=packing.pack(step.state), embeds=packing.pack(step.embeds), precomputed=None,
+                             value_embeddings={key: packing.pack(table) for key, table in step.value_embeddings.items()},
+                             block_kwargs=packed_kwargs)
+
+    def end(self, loop: int, state: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
+        if self.latest.packing is not None:
+            new_state = self.latest.packing.scatter(state, new_state)
+        self.loops_run += self.active
+        if loop + 1 < self.num_loops:  # after the last loop nobody needs the rule
             change = (new_state - state).float().norm(dim=-1) / new_state.float().norm(dim=-1).clamp_min(1e-30)
-            active = active & (change >= exit_threshold)
-        state = new_state  # exited tokens were copied unchanged into ``new_state``
-    return state, loops
+            self.active = self.active & (change >= self.exit_threshold)
+        return new_state  # exited tokens were copied unchanged into ``new_state``
+
+    def _key_valid(self, state: torch.Tensor) -> torch.Tensor:
+        """Which keys (past + new) are real tokens, from the 2-D padding mask the model was given (a mask over the
+        new tokens alone leaves the cached ones valid)."""
+        valid = torch.ones(state.shape[0], self.past_length + state.shape[1], dtype=torch.bool, device=state.device)
+        if self.padding_mask is not None:
+            valid[:, valid.shape[1] - self.padding_mask.shape[1]:] = self.padding_mask.bool()
+        return valid

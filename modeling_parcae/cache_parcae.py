@@ -1,143 +1,131 @@
-"""A KV cache for looped models: one slot per *executed* block, laid out so the slot map never moves.
+"""Where each executed block keeps its keys and values: the slot map of a looped model, over transformers' own caches.
 
 A looped core runs the same physical blocks ``num_loops`` times; each execution attends to its own keys/values from
-earlier tokens, so the cache needs ``prelude + num_loops * core + coda`` slots (transformers' default cache has one
-per configured layer and breaks — see docs/generation.md). Slots: prelude ``i`` -> ``i``; coda ``i`` -> ``P + i``;
-core block ``j`` of loop ``r`` -> ``P + C + r * R + j`` (``ParcaeConfig.base_cache_slot`` gives loop 0's slot and
-``ParcaeDecoderLayer.cache_slot`` the rest). Prelude and coda slots do not depend on the loop count.
+earlier tokens, so a forward needs one cache layer per *executed* block. :class:`ParcaeSlotMap` numbers them in
+execution order — prelude ``i`` -> ``i``, core block ``j`` of loop ``r`` -> ``P + r * R + j``, coda ``i`` ->
+``P + T * R + i`` (then one more coda set per extra depth of ``output_depths``) — and is the only place that does.
+
+Any transformers ``Cache`` works (``DynamicCache``, ``StaticCache``, offloaded and quantized ones, built by ``generate``
+or by the user): :func:`prepare_cache` grows it to the slot count the forward needs (transformers builds one layer per
+*physical* block from the config) and stamps it with the forward's loop layout, so that a cache filled at one depth is
+never read at another. :class:`ParcaeSharedLoopCache` is the one cache of our own: bounded KV memory.
 
 This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
 """
 
-import dataclasses
+import copy
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
-
-from .configuration_parcae import ParcaeConfig, validate_num_loops
+from transformers.cache_utils import Cache, DynamicCache
 
 
-# transformers 5.24 renamed the cache argument of ``forward``/``generate`` and the output field from
-# ``past_key_values`` to ``cache`` (5.23 knows only the old name; 5.24 still accepts it, with a deprecation warning).
-# The installed release's name, read from its output class, so that one file serves both.
-CACHE_ARGUMENT = ("cache" if "cache" in {field.name for field in dataclasses.fields(BaseModelOutputWithPast)}
-                  else "past_key_values")
+@dataclass(frozen=True)
+class ParcaeSlotMap:
+    """The cache slot of every block execution of one forward (its loop layout: loop count and read-out depths)."""
 
+    num_prelude_layers: int
+    num_core_layers: int
+    num_coda_layers: int
+    num_loops: int
+    output_depths: tuple[int, ...] | None = None
 
-def resolve_cache_argument(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
-    """The one cache a forward was given under either name (``generate`` passes ``cache=`` from transformers 5.24)."""
-    if past_key_values is not None and cache is not None:
-        raise ValueError("pass the KV cache once: as cache= or as past_key_values=, not both")
-    return cache if cache is not None else past_key_values
+    @classmethod
+    def for_config(cls, config, num_loops: int, output_depths: tuple[int, ...] | None = None) -> "ParcaeSlotMap":
+        return cls(config.num_prelude_layers, config.num_core_layers, config.num_coda_layers, num_loops, output_depths)
 
+    @property
+    def num_slots(self) -> int:
+        return self.coda(self.num_coda_layers, self.num_depths - 1)  # one past the last coda slot
 
-class ParcaeCache(Cache):
-    """Dynamic (growing) KV cache with the looped slot layout, bound to one loop count.
+    @property
+    def num_depths(self) -> int:
+        return len(self.output_depths) if self.output_depths else 1
 
-    Using a cache built for ``num_loops=4`` in a forward with ``num_loops=8`` would read keys computed at another
-    depth, so :meth:`check_num_loops` raises instead.
-    """
+    def prelude(self, index: int) -> int:
+        return index
 
-    def __init__(self, config: ParcaeConfig, num_loops: int | None = None,
-                 output_depths: tuple[int, ...] | None = None):
-        num_loops = config.num_loops if num_loops is None else num_loops
-        validate_num_loops(num_loops)
-        self.num_loops = num_loops
-        # a multi-depth forward (``output_depths``) runs the coda once per depth: one more coda slot set per extra depth
-        self.output_depths = tuple(output_depths) if output_depths is not None else None
-        extra_codas = len(self.output_depths) - 1 if self.output_depths else 0
-        slots = config.num_cache_slots(num_loops) + extra_codas * config.num_coda_layers
-        super().__init__(layers=[DynamicLayer() for _ in range(slots)])
+    def core(self, loop: int, index: int) -> int:
+        return self.num_prelude_layers + loop * self.num_core_layers + index
 
-    def check_num_loops(self, num_loops: int, output_depths: tuple[int, ...] | None = None) -> None:
-        if num_loops != self.num_loops:
-            raise ValueError(
-                f"this ParcaeCache was built for num_loops={self.num_loops} but the forward runs num_loops={num_loops}; "
-                "cached keys/values belong to a loop depth, so start a new cache (or pass the same num_loops)"
-            )
-        if output_depths != self.output_depths:
-            raise ValueError(
-                f"this ParcaeCache was built for output_depths={self.output_depths} but the forward asks for "
-                f"output_depths={output_depths}; the coda slots belong to those depths, so start a new cache"
-            )
+    def coda(self, index: int, depth_rank: int = 0) -> int:
+        """``depth_rank`` 0 is the deepest read-out (``num_loops``); rank k the k-th other depth of ``output_depths``."""
+        return self.core(self.num_loops, 0) + depth_rank * self.num_coda_layers + index
 
-    @staticmethod
-    def coda_slot_offset(config: ParcaeConfig, num_loops: int, output_depths: tuple[int, ...], depth: int) -> int:
-        """How far the coda slots of ``depth`` sit from the ordinary coda slots: the deepest uses the ordinary ones,
-        the k-th other depth of ``output_depths`` the k-th extra coda slot set after the core slots."""
-        if depth == num_loops:
+    def depth_rank(self, depth: int) -> int:
+        if depth == self.num_loops:
             return 0
-        k = [d for d in output_depths if d != num_loops].index(depth)
-        return config.num_cache_slots(num_loops) + k * config.num_coda_layers - config.num_prelude_layers
+        return 1 + [d for d in self.output_depths if d != self.num_loops].index(depth)
 
-    def memory_bytes(self) -> int:
-        """Bytes held by the cached keys and values of every slot."""
-        total = 0
-        for layer in self.layers:
-            for tensor in (layer.keys, layer.values):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
+    def shared(self, slot: int) -> tuple[int, bool]:
+        """The bounded layout of :class:`ParcaeSharedLoopCache`: every loop of core block ``j`` shares one slot, which
+        only the last loop writes. Returns ``(slot in that layout, whether this execution stores its keys/values)``."""
+        first_core, first_coda = self.core(0, 0), self.coda(0)
+        if slot < first_core:
+            return slot, True
+        if slot >= first_coda:
+            return slot - first_coda + first_core + self.num_core_layers, True
+        loop, index = divmod(slot - first_core, self.num_core_layers)
+        return first_core + index, loop == self.num_loops - 1
 
 
-class ParcaeSharedLoopCache(ParcaeCache):
+def prepare_cache(cache: Cache, slot_map: ParcaeSlotMap) -> None:
+    """Bind ``cache`` to the forward's loop layout: stamp a fresh cache with it and grow it to one layer per slot; a
+    filled cache must carry the same layout (its keys/values belong to that depth)."""
+    if getattr(cache, "offloading", False) and not torch.cuda.is_available():
+        raise ValueError("an offloaded cache (cache_implementation='offloaded' or 'offloaded_static') moves layers "
+                         "between a CUDA device and the CPU with CUDA streams, and this machine has no CUDA device: "
+                         "use the default cache here")
+    layout = (slot_map.num_loops, slot_map.output_depths)
+    stamped = getattr(cache, "parcae_layout", None)
+    if stamped is not None:
+        if stamped != layout:
+            raise ValueError(
+                f"this cache holds keys/values of num_loops={stamped[0]}, output_depths={stamped[1]}, but the forward "
+                f"runs num_loops={layout[0]}, output_depths={layout[1]}: cached keys/values belong to a loop depth, so "
+                "start a new cache (or pass the same num_loops)")
+        return
+    if cache.get_seq_length() > 0:
+        raise ValueError("this cache was filled by another model or outside a Parcae forward; start a new cache")
+    cache.parcae_layout = layout
+    cache.parcae_slot_map = slot_map
+    wanted = (slot_map.shared(slot_map.num_slots - 1)[0] + 1 if isinstance(cache, ParcaeSharedLoopCache)
+              else slot_map.num_slots)
+    if cache.layer_class_to_replicate is None and cache.layers:
+        # transformers built one layer per physical block; copies of an empty one are empty layers of the same kind
+        cache.layers.extend(copy.deepcopy(cache.layers[-1]) for _ in range(wanted - len(cache.layers)))
+
+
+def cache_memory_bytes(cache: Cache) -> int:
+    """Bytes held by the cached keys and values of every layer of ``cache``."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class ParcaeSharedLoopCache(DynamicCache):
     """KV memory that does not grow with ``num_loops``: the core blocks keep one slot each, shared by all loops.
 
-    Rule (an approximation, selected per ``generate`` call with ``past_key_values=ParcaeSharedLoopCache(config,
-    num_loops=N)``): within one forward, loop ``r`` of the new tokens attends to the new tokens' own loop-``r``
-    keys/values, exactly as without a cache; what is *stored* for later tokens is only the last loop's keys/values,
-    so every loop of a later token reads the earlier tokens' last-loop keys/values. Slots: prelude ``P``, coda ``C``,
-    core ``R``, i.e. the layout of ``num_loops=1`` whatever ``num_loops`` is. Prefill is exact; decoding differs
-    from the exact cache wherever a loop's keys/values differ from the last loop's (measured in docs/generation.md).
+    Rule (an approximation, selected per ``generate`` call with ``cache=ParcaeSharedLoopCache()``): within one
+    forward, loop ``r`` of the new tokens attends to the new tokens' own loop-``r`` keys/values, exactly as without a
+    cache; what is *stored* for later tokens is only the last loop's keys/values, so every loop of a later token reads
+    the earlier tokens' last-loop keys/values. Prefill is exact; decoding differs from the exact cache wherever a
+    loop's keys/values differ from the last loop's (measured in docs/generation.md).
     """
 
-    def __init__(self, config: ParcaeConfig, num_loops: int | None = None):
-        super().__init__(config, num_loops=1)
-        self.num_loops = config.num_loops if num_loops is None else num_loops
-        validate_num_loops(self.num_loops)
-        self.first_core_slot = config.num_prelude_layers + config.num_coda_layers
-        self.num_core_layers = config.num_core_layers
+    parcae_slot_map: ParcaeSlotMap
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx < self.first_core_slot or self.num_core_layers == 0:
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        loop, block = divmod(layer_idx - self.first_core_slot, self.num_core_layers)
-        slot = self.first_core_slot + block
-        if loop == self.num_loops - 1:
+        slot, stores = self.parcae_slot_map.shared(layer_idx)
+        if stores:
             return super().update(key_states, value_states, slot, *args, **kwargs)
-        layer = self.layers[slot]
-        if not layer.is_initialized or layer.keys.numel() == 0:
+        layer = self.layers[slot] if slot < len(self.layers) else None
+        if layer is None or not layer.is_initialized or layer.keys.numel() == 0:
             return key_states, value_states
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
-class ParcaeStaticCache(ParcaeCache, StaticCache):
-    """Pre-allocated KV cache with the looped slot layout: ``prelude + num_loops * core + coda`` transformers
-    ``StaticLayer`` slots of ``max_cache_len`` positions each, written in place.
-
-    Fixed shapes and addresses make the decode step compilable (``torch.compile``, CUDA graphs). It is a
-    ``StaticCache`` for ``generate``'s purposes; ``generate(cache_implementation="static")`` builds one.
-    """
-
-    def __init__(self, config: ParcaeConfig, max_cache_len: int, num_loops: int | None = None):
-        num_loops = config.num_loops if num_loops is None else num_loops
-        validate_num_loops(num_loops)
-        if max_cache_len < 1:
-            raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
-        self.num_loops = num_loops
-        self.output_depths = None
-        self.max_cache_len = max_cache_len
-        # Cache.__init__ directly: StaticCache.__init__ would lay out one slot per configured layer
-        Cache.__init__(self, layers=[StaticLayer(max_cache_len) for _ in range(config.num_cache_slots(num_loops))])
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx == 0 and not torch.compiler.is_compiling():
-            cached = int(self.get_seq_length())
-            if cached + key_states.shape[-2] > self.max_cache_len:
-                raise ValueError(f"ParcaeStaticCache holds {self.max_cache_len} positions: {cached} cached + "
-                                 f"{key_states.shape[-2]} new do not fit; build it with a larger max_cache_len")
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
-__all__ = ["ParcaeCache", "ParcaeSharedLoopCache", "ParcaeStaticCache"]
+__all__ = ["ParcaeSharedLoopCache", "ParcaeSlotMap", "cache_memory_bytes", "prepare_cache"]

@@ -7,6 +7,7 @@ This file is part of the remote code copied next to saved checkpoints: it import
 """
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -79,6 +80,10 @@ class ParcaeConfig(PreTrainedConfig):
         "coda.*.mlp.down_proj": "rowwise",
     }
 
+    # a RoPE given without its theta (``{"rope_type": "linear", "factor": 2.0}``, as Llama users write a scaling) keeps
+    # the model's: the official 50000 at construction (transformers' own default would be 10000), the current one after
+    default_theta = 50000.0
+
     vocab_size: int = 32768
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -133,6 +138,12 @@ class ParcaeConfig(PreTrainedConfig):
         if self.original_vocab_size is None:
             self.original_vocab_size = self.vocab_size
         super().__post_init__(**kwargs)
+
+    def __setattr__(self, name, value):
+        if name == "rope_parameters" and isinstance(value, dict) and "rope_theta" not in value:
+            current = getattr(self, "rope_parameters", None) or {}
+            value = {**value, "rope_theta": current.get("rope_theta", self.default_theta)}
+        super().__setattr__(name, value)
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -213,48 +224,43 @@ class ParcaeConfig(PreTrainedConfig):
         """Physical (parameter-owning) blocks: prelude + core + coda."""
         return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
 
-    def num_cache_slots(self, num_loops: int | None = None) -> int:
-        """Executed blocks per forward, i.e. KV-cache slots: prelude + num_loops * core + coda."""
-        loops = self.num_loops if num_loops is None else num_loops
-        return self.num_prelude_layers + loops * self.num_core_layers + self.num_coda_layers
-
     @property
     def initializer_range(self) -> float:
         """The official "scaled-zero" std sqrt(2 / (5 d)), also the std of the like-init state."""
         return math.sqrt(2.0 / (5.0 * self.hidden_size))
 
+    def block_specs(self, stage: str, count: int) -> list["BlockSpec"]:
+        """What each block of ``stage`` is, in the official numbering (``model.py``): its value-embedding table (tables
+        sit on every other block of prelude + core + coda, ending on the last) and whether it owns a gate (``has_ve``:
+        looped models test ``layer_id`` = prelude ``i``, core ``P + j``, coda ``P + R * mean_recurrence + i`` against
+        ``num_core_layers * mean_backprop_depth`` blocks; the baseline tests ``i`` against its own depth)."""
+        prelude, core = self.num_prelude_layers, self.num_core_layers
+        table_offset = {"prelude": 0, "core": prelude, "coda": prelude + core}[stage]
+        gate_offset = {"prelude": 0, "core": prelude, "coda": prelude + core * self.mean_recurrence}[stage]
+        gate_depth = core * self.mean_backprop_depth if self.looped else prelude
+        specs = []
+        for index in range(count):
+            has_gate = _alternate_ending_on_last(gate_offset + index, gate_depth)
+            table = table_offset + index
+            has_table = _alternate_ending_on_last(table, self.num_hidden_layers)
+            specs.append(BlockSpec(stage, index, has_gate, str(table) if has_gate and has_table else None))
+        return specs
+
     def value_embedding_table_indices(self) -> list[int]:
-        """Effective block indices (prelude i, core P+j, coda P+R+i) that own a value-embedding table."""
+        """Block indices among prelude + core + coda that own a value-embedding table."""
         total = self.num_hidden_layers
         return [index for index in range(total) if _alternate_ending_on_last(index, total)]
 
-    def block_has_value_embedding_gate(self, stage: str, index: int) -> bool:
-        """The official gate rule (``has_ve`` in the official ``model.py``), which differs from the table rule.
 
-        Looped models test ``layer_id`` against ``n_layer = num_core_layers * mean_backprop_depth`` where layer ids
-        are prelude ``i``, core ``P + j`` and coda ``P + R * mean_recurrence + i``; the baseline tests ``i`` against
-        its own depth.
-        """
-        if not self.looped:
-            return _alternate_ending_on_last(index, self.num_prelude_layers)
-        offset = {
-            "prelude": 0,
-            "core": self.num_prelude_layers,
-            "coda": self.num_prelude_layers + self.num_core_layers * self.mean_recurrence,
-        }[stage]
-        return _alternate_ending_on_last(offset + index, self.num_core_layers * self.mean_backprop_depth)
+@dataclass(frozen=True)
+class BlockSpec:
+    """A block's identity, fixed at construction: its stage (``prelude`` | ``core`` | ``coda``), its index there,
+    whether it owns a value-embedding gate, and the key of the table it mixes in (``None``: no value embedding)."""
 
-    def base_cache_slot(self, stage: str, index: int) -> int:
-        """KV-cache slot of block ``index`` of ``stage`` in loop 0: prelude ``i``, coda ``P + i``, core ``P + C + j``."""
-        offset = {"prelude": 0, "coda": self.num_prelude_layers,
-                  "core": self.num_prelude_layers + self.num_coda_layers}[stage]
-        return offset + index
-
-    def block_effective_index(self, stage: str, index: int) -> int:
-        """Index of a block among prelude + core + coda, the key of its value-embedding table."""
-        offset = {"prelude": 0, "core": self.num_prelude_layers,
-                  "coda": self.num_prelude_layers + self.num_core_layers}[stage]
-        return offset + index
+    stage: str
+    index: int
+    has_value_embedding_gate: bool
+    value_embedding_key: str | None
 
 
 def validate_num_loops(value, name: str = "num_loops") -> None:

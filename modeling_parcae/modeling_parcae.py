@@ -14,11 +14,13 @@ This file is part of the remote code copied next to saved checkpoints: it import
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -26,11 +28,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .adaptive_parcae import adaptive_iterate, validate_exit_threshold
-from .cache_parcae import CACHE_ARGUMENT, ParcaeCache, ParcaeStaticCache, resolve_cache_argument
-from .configuration_parcae import ParcaeConfig, validate_num_loops
+from .adaptive_parcae import ExitPolicy, validate_exit_threshold
+from .cache_parcae import ParcaeSlotMap, prepare_cache
+from .configuration_parcae import BlockSpec, ParcaeConfig, validate_num_loops
 
 
 logger = logging.get_logger(__name__)
@@ -181,20 +184,6 @@ class ParcaeMLP(nn.Module):
         return self.down_proj(half_relu_squared_(hidden))
 
 
-def _keep_mask_rows(attention_mask: torch.Tensor | None, rows: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
-    """The mask rows of the last ``rows`` queries. Without a mask (the fused causal path) ``is_causal`` would align
-    fewer queries than keys to the first keys, so more than one kept query gets an explicit causal mask whose last
-    row sees every key."""
-    if attention_mask is not None:
-        return attention_mask[..., -rows:, :]
-    if rows == 1:
-        return None
-    keys = hidden_states.shape[1]
-    query_index = torch.arange(keys - rows, keys, device=hidden_states.device)
-    allowed = torch.arange(keys, device=hidden_states.device)[None, :] <= query_index[:, None]
-    return torch.where(allowed, 0.0, torch.finfo(hidden_states.dtype).min).to(hidden_states.dtype)[None, None]
-
-
 class ParcaeAttention(nn.Module):
     """Causal self-attention with value embeddings, interleaved RoPE and a weightless qk-norm after RoPE."""
 
@@ -220,21 +209,22 @@ class ParcaeAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: ParcaeCache | None = None,
+        cache: Cache | None = None,
         cache_slot: int | None = None,
         value_embedding: torch.Tensor | None = None,
         positions_to_keep: int = 0,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``positions_to_keep`` > 0: queries (and the output) for the last that many positions only; keys and values
-        of every position are still computed and cached."""
+        of every position are still computed and cached. The model then passes an explicit mask (``None`` would let
+        a lone query attend every key, unwritten static-cache slots included), of which the kept rows are used."""
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         cos, sin = position_embeddings
         query_states, query_cos, query_sin = hidden_states, cos, sin
         if positions_to_keep:
             query_states = hidden_states[:, -positions_to_keep:]
             query_cos, query_sin = cos[:, -positions_to_keep:], sin[:, -positions_to_keep:]
-            attention_mask = _keep_mask_rows(attention_mask, positions_to_keep, hidden_states)
+            attention_mask = attention_mask[..., -positions_to_keep:, :]
         input_shape = query_states.shape[:-1]
         query = self.q_proj(query_states).view(*input_shape, -1, self.head_dim)
         key = self.k_proj(hidden_states).view(hidden_shape)
@@ -244,16 +234,16 @@ class ParcaeAttention(nn.Module):
             value = value + gate.unsqueeze(-1) * value_embedding.view(hidden_shape)
 
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        query = apply_interleaved_rotary(query, query_cos, query_sin)
-        key = apply_interleaved_rotary(key, cos, sin)
-        if self.config.qk_norm:
-            # eps=None: PyTorch uses the float32 machine epsilon, as the official code does
-            query = F.rms_norm(query, (self.head_dim,))
-            key = F.rms_norm(key, (self.head_dim,))
+        if query.shape[2] == key.shape[2]:  # q and k together, as the official code: one float32 round trip, not two
+            both = self._rotate_and_norm(torch.cat([query, key], dim=1), cos, sin)
+            query, key = both.split([query.shape[1], key.shape[1]], dim=1)
+        else:  # queries trimmed to the kept positions
+            query, key = self._rotate_and_norm(query, query_cos, query_sin), self._rotate_and_norm(key, cos, sin)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, cache_slot)
+        if cache is not None:
+            key, value = cache.update(key, value, cache_slot)
 
+        unpack_rows = kwargs.pop("unpack_attention_rows", None)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -261,40 +251,36 @@ class ParcaeAttention(nn.Module):
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        if unpack_rows is not None and attn_weights is not None:
+            attn_weights = unpack_rows(attn_weights)
         return self.o_proj(attn_output), attn_weights
+
+    def _rotate_and_norm(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE (in float32, as officially), then the weightless qk-norm (eps=None: PyTorch's float32 machine epsilon,
+        as the official code)."""
+        states = apply_interleaved_rotary(states, cos, sin)
+        return F.rms_norm(states, (self.head_dim,)) if self.config.qk_norm else states
 
 
 class ParcaeDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block ``x + attn(norm(x))``, ``x + mlp(norm(x))``; used for prelude, core and coda alike.
 
-    A block learns where it sits when it is built (as transformers layers get their ``layer_idx``): its ``stage``
-    (``prelude`` | ``core`` | ``coda``), its ``index`` in that stage, the key of the value-embedding table it mixes in
-    (``value_embedding_key``, ``None`` without one) and its KV-cache slot (:meth:`cache_slot`).
+    A block knows what it is from construction (``spec``: stage, index, value-embedding gate and table); where its
+    keys/values go is decided per forward by the slot map, since a core block runs once per loop.
     """
 
-    def __init__(self, config: ParcaeConfig, stage: str, index: int):
+    def __init__(self, config: ParcaeConfig, spec: BlockSpec):
         super().__init__()
-        self.stage = stage
-        self.index = index
-        self.num_core_layers = config.num_core_layers
-        self.base_cache_slot = config.base_cache_slot(stage, index)
-        has_ve_gate = config.block_has_value_embedding_gate(stage, index)
-        table = config.block_effective_index(stage, index)
-        self.value_embedding_key = str(table) if has_ve_gate and table in config.value_embedding_table_indices() else None
-
-        core = stage == "core"
+        self.spec = spec
+        core = spec.stage == "core"
         hidden_size = config.state_size if core else config.hidden_size
         num_heads = config.core_num_attention_heads if core else config.num_attention_heads
         num_kv_heads = config.core_num_attention_heads if core else config.num_key_value_heads
         intermediate_size = config.core_intermediate_size if core else config.intermediate_size
         self.input_layernorm = ParcaeRMSNorm(hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = ParcaeAttention(config, hidden_size, num_heads, num_kv_heads, has_ve_gate)
+        self.self_attn = ParcaeAttention(config, hidden_size, num_heads, num_kv_heads, spec.has_value_embedding_gate)
         self.post_attention_layernorm = ParcaeRMSNorm(hidden_size, eps=config.rms_norm_eps)
         self.mlp = ParcaeMLP(hidden_size, intermediate_size, config.bias)
-
-    def cache_slot(self, loop: int = 0) -> int:
-        """KV-cache slot of this block's execution in loop ``loop`` (only core blocks run more than once)."""
-        return self.base_cache_slot + loop * self.num_core_layers if self.stage == "core" else self.base_cache_slot
 
     def forward(
         self,
@@ -302,23 +288,20 @@ class ParcaeDecoderLayer(GradientCheckpointingLayer):
         value_embedding: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: ParcaeCache | None = None,
+        cache: Cache | None = None,
         cache_slot: int | None = None,
         positions_to_keep: int = 0,
-        cache: ParcaeCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """``value_embedding`` comes second and is passed positionally: gradient checkpointing hands only positional
-        tensors to ``torch.utils.checkpoint``, and the value-embedding tables need their gradient.
-        ``positions_to_keep`` > 0: the output of the last that many positions only (see ``ParcaeModel.forward``).
-        The cache comes under the installed transformers' name (``CACHE_ARGUMENT``): under gradient checkpointing
-        ``GradientCheckpointingLayer`` drops the argument of that name, so that the backward replay does not write it
-        a second time."""
+        tensors to ``torch.utils.checkpoint``, and the value-embedding tables need their gradient (it also drops
+        ``cache``, so that the backward replay does not write it a second time).
+        ``positions_to_keep`` > 0: the output of the last that many positions only (see ``ParcaeModel.forward``)."""
         attn_output, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=resolve_cache_argument(past_key_values, cache),
+            cache=cache,
             cache_slot=cache_slot,
             value_embedding=value_embedding,
             positions_to_keep=positions_to_keep,
@@ -395,12 +378,24 @@ INJECTION_CLASSES = {
 }
 
 
+class CoreStep(NamedTuple):
+    """What one loop of the core runs on: the state and prelude output of the tokens it computes, the injection's
+    loop-invariant part, their value embeddings and the block arguments (mask, rotary tables, cache)."""
+
+    state: torch.Tensor
+    embeds: torch.Tensor
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None
+    value_embeddings: dict[str, torch.Tensor]
+    block_kwargs: dict
+
+
 @dataclass
 class LoopSchedule:
-    """How many core iterations run without / with gradient, and which samples are active at each iteration.
+    """A depth policy of the loop: how many core iterations run without / with gradient, per sample (or token).
 
     ``no_grad_depth``/``grad_depth`` are per-sample (or per-token) counts; every sample runs ``max`` iterations of each
     phase and is frozen (``torch.where``) once its own count is exhausted, as the official per-sequence sampler does.
+    (The other policy, per-token adaptive exit, is ``adaptive_parcae.ExitPolicy``; both answer ``begin``/``end``.)
     """
 
     no_grad_depth: torch.Tensor
@@ -414,29 +409,43 @@ class LoopSchedule:
         return cls(torch.tensor([no_grad]), torch.tensor([with_grad]), (no_grad, with_grad))
 
     @property
-    def max_total(self) -> int:
+    def num_loops(self) -> int:
         """The most loops any sample runs."""
-        return sum(self.fixed_counts) if self.fixed_counts else int(self.total.max())
+        return sum(self.fixed_counts) if self.fixed_counts else int(self.loops_run.max())
 
     @property
-    def total(self) -> torch.Tensor:
+    def loops_run(self) -> torch.Tensor:
         return self.no_grad_depth + self.grad_depth
 
     @property
     def is_uniform(self) -> bool:
-        return self.fixed_counts is not None or self.total.numel() == 1 or bool((self.total == self.total.flatten()[0]).all())
+        total = self.loops_run
+        return self.fixed_counts is not None or total.numel() == 1 or bool((total == total.flatten()[0]).all())
 
-    def steps(self) -> list[tuple[bool, torch.Tensor | None]]:
-        """``(with_grad, active)`` per iteration; ``active`` is None when every sample runs it."""
-        if self.fixed_counts is not None:
-            no_grad, with_grad = self.fixed_counts
-            return [(False, None)] * no_grad + [(True, None)] * with_grad
-        result = []
-        for phase_depth, with_grad in ((self.no_grad_depth, False), (self.grad_depth, True)):
-            for step in range(int(phase_depth.max())):
-                active = phase_depth > step
-                result.append((with_grad, None if bool(active.all()) else active))
-        return result
+    def __post_init__(self):
+        # sampled depths: ``(with_grad, active)`` per iteration, ``active`` None when every sample runs it (fixed
+        # counts need no list: a compiled step must not read tensors to decide)
+        self._sampled_steps = []
+        if self.fixed_counts is None:
+            for phase_depth, with_grad in ((self.no_grad_depth, False), (self.grad_depth, True)):
+                for step in range(int(phase_depth.max())):
+                    active = phase_depth > step
+                    self._sampled_steps.append((with_grad, None if bool(active.all()) else active))
+
+    def with_grad(self, loop: int) -> bool:
+        return loop >= self.fixed_counts[0] if self.fixed_counts is not None else self._sampled_steps[loop][0]
+
+    def begin(self, loop: int, step: CoreStep, slots: list[int]) -> CoreStep:
+        """Every sample computes every loop (frozen ones are reset in :meth:`end`)."""
+        return step
+
+    def end(self, loop: int, state: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
+        active = None if self.fixed_counts is not None else self._sampled_steps[loop][1]
+        if active is None:
+            return new_state
+        # frozen samples keep their state; per-sequence masks broadcast over (T, S), per-token over S
+        mask = active.to(state.device).view(*active.shape, *([1] * (state.dim() - active.dim())))
+        return torch.where(mask, new_state, state)
 
 
 def resolve_loop_count(num_loops: LoopCount, name: str = "num_loops") -> tuple[int, int]:
@@ -540,7 +549,7 @@ class ParcaePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ParcaeDecoderLayer"]
-    _skip_keys_device_placement = [CACHE_ARGUMENT]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -548,7 +557,7 @@ class ParcaePreTrainedModel(PreTrainedModel):
     # output_attentions: one map per *executed* block, recorded by hooks in execution order (prelude, each loop's
     # core blocks, coda); hidden states are Parcae's own (see ParcaeModel.forward)
     _can_record_outputs = {"attentions": OutputRecorder(ParcaeAttention, index=1)}
-    # a decode step with a ParcaeStaticCache traces as one graph (the loop count is a Python int, unrolled)
+    # a decode step with a static cache traces as one graph (the loop count is a Python int, unrolled)
     _can_compile_fullgraph = True
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
@@ -661,7 +670,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         self.post_init()
 
     def _build_stage(self, stage: str, count: int) -> nn.ModuleList:
-        return nn.ModuleList(ParcaeDecoderLayer(self.config, stage, index) for index in range(count))
+        return nn.ModuleList(ParcaeDecoderLayer(self.config, spec) for spec in self.config.block_specs(stage, count))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -669,19 +678,19 @@ class ParcaeModel(ParcaePreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: ParcaeCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         num_loops: LoopCount | None = None,
         initial_state: torch.Tensor | None = None,
         state_generator: torch.Generator | None = None,
-        cache: ParcaeCache | None = None,
         output_hidden_states: bool | None = None,
         output_depths: Sequence[int] | None = None,
         exit_threshold: float | None = None,
@@ -700,29 +709,36 @@ class ParcaeModel(ParcaePreTrainedModel):
         output_hidden_states (`bool`, *optional*):
             Return ``(embeddings, prelude_1..P, loop_1..loop_T, coda_1..coda_C)``: each prelude block's output, the
             recurrent state after each loop (before ``state_readout``), and each coda block's output (before the
-            final norm).
+            final norm). The same on every path: under ``exit_threshold`` a token that has exited repeats its last
+            state in the loops it skips, so there are always ``num_loops`` loop states.
         output_attentions (`bool`, *optional*):
             Return the attention weights of every *executed* block in execution order: prelude blocks, then each
             loop's core blocks (loop 0 first), then coda blocks (``P + num_loops * C + coda`` maps; eager attention).
+            Under ``exit_threshold`` every map has the full ``(batch, heads, seq_len, keys)`` shape; the rows of
+            tokens that have exited are zero in the loops they skip, and loops after every token has exited execute
+            no block (so ``P + L * C + coda`` maps, ``L`` the most loops any token ran).
         inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden_size)`, *optional*):
             Instead of ``input_ids``. Value embeddings are looked up from token ids, so positions given as embeddings
             carry none (their value embedding is zero); this is what prompt tuning (virtual tokens) needs.
-        cache (`ParcaeCache`, *optional*):
-            The KV cache under the name transformers 5.24 gives it (``generate`` passes ``cache=`` from 5.24 on); the
-            same argument as ``past_key_values``, which transformers 5.23 uses. Pass one of the two.
+        cache (`Cache`, *optional*):
+            Any transformers KV cache (``DynamicCache``, ``StaticCache``, offloaded, quantized, or
+            ``ParcaeSharedLoopCache`` for bounded memory). It is grown to one layer per executed block and bound to
+            this forward's ``num_loops`` (and ``output_depths``) on first use; a later forward with another loop
+            layout is refused. ``past_key_values=`` is transformers' deprecated name for it.
         output_depths (sequence of distinct positive `int`, *optional*):
             Loop counts to read out from one pass (evaluation only): the core runs ``max(output_depths)`` loops and
             the state after each requested loop count goes through readout, coda and norm, returned in
             ``depth_hidden_states`` in the given order (``last_hidden_state`` is the deepest). With the zero (or a
             given) initial state the state after ``t`` loops does not depend on the loops that follow, so each depth
             equals a separate forward at that ``num_loops``. With a cache, the coda runs once per depth and the cache
-            holds one coda slot set per depth (``ParcaeCache(config, num_loops, output_depths)``), so a cached
-            continuation is exact at every depth; such a cache serves only forwards with the same ``output_depths``.
+            holds one coda slot set per depth, so a cached continuation is exact at every depth; such a cache serves
+            only forwards with the same ``output_depths`` (``generate`` decodes at the deepest).
         exit_threshold (`float`, *optional*):
             Per-token adaptive depth (evaluation only): a token stops looping once the relative change of its state
             ``||h_t - h_{t-1}|| / ||h_t||`` falls below the threshold, capped by ``num_loops``; exited tokens are not
             computed, later tokens read their last computed keys/values (see ``adaptive_parcae.py``). The loops each
-            token ran are returned in ``num_loops`` with shape ``(batch, seq_len)``. 0 never exits early.
+            token ran are returned in ``num_loops`` with shape ``(batch, seq_len)``. 0 never exits early. Not with a
+            static (pre-allocated) cache.
         positions_to_keep (`int`, *optional*, defaults to 0):
             When > 0, the last coda block computes its attention queries, MLP and output for the last that many
             positions only (``last_hidden_state`` has that many positions; every position's keys and values are
@@ -732,94 +748,142 @@ class ParcaeModel(ParcaePreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        past_key_values = resolve_cache_argument(past_key_values, cache)
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"the KV cache must be a transformers Cache (DynamicCache, StaticCache, ...), got "
+                            f"{type(cache).__name__}")
+        past_length = cache.get_seq_length() if cache is not None else 0
         if not torch.compiler.is_compiling():
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            check_forward_inputs(self.config, input_ids, inputs_embeds, attention_mask, initial_state, past)
+            check_forward_inputs(self.config, input_ids, inputs_embeds, attention_mask, initial_state, past_length)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        keep = _positions_to_keep(positions_to_keep, input_ids if input_ids is not None else inputs_embeds,
-                                  output_hidden_states, self.config._attn_implementation)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if output_depths is not None:
-            output_depths = self._check_output_depths(output_depths, num_loops)
-            num_loops = max(output_depths)
-        if exit_threshold is not None:
-            exit_threshold = self._check_exit_threshold(exit_threshold, output_depths)
-
-        schedule = self._loop_schedule(num_loops, batch_size, seq_len) if self.looped else LoopSchedule.fixed(0, 1)
+        keep = _positions_to_keep(positions_to_keep, seq_len, output_hidden_states, self.config._attn_implementation)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            if not schedule.is_uniform:
-                raise ValueError("a KV cache needs one loop count for the whole batch; pass an int num_loops")
-            past_key_values = ParcaeCache(self.config, num_loops=schedule.max_total,
-                                          output_depths=output_depths)
-        if past_key_values is not None and not isinstance(past_key_values, ParcaeCache):
-            raise TypeError(
-                f"{CACHE_ARGUMENT} is a {type(past_key_values).__name__}; Parcae needs a ParcaeCache (one slot per "
-                "executed block: prelude + num_loops * core + coda). Pass none and the model builds it, or pass "
-                "ParcaeCache(model.config, num_loops=...) (ParcaeStaticCache for a fixed-size, compilable cache)"
-            )
-        if past_key_values is not None and self.looped:
-            past_key_values.check_num_loops(schedule.max_total, output_depths)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        schedule, output_depths = self._depth_policy(num_loops, output_depths, exit_threshold, batch_size, seq_len,
+                                                     cache, attention_mask, past_length)
+        slot_map = ParcaeSlotMap.for_config(self.config, schedule.num_loops if self.looped else 0, output_depths)
+        if cache is not None:
+            prepare_cache(cache, slot_map)
 
         position_ids = self._position_ids(position_ids, attention_mask, past_length, batch_size, seq_len,
                                           inputs_embeds.device)
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **{CACHE_ARGUMENT: past_key_values},
-        )
-        block_kwargs = dict(
-            attention_mask=causal_mask,
-            position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
-            **{CACHE_ARGUMENT: past_key_values},
-            **kwargs,
-        )
+        mask_arguments = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                              cache=cache, position_ids=position_ids)
+        causal_mask = create_causal_mask(**mask_arguments)
+        block_kwargs = dict(attention_mask=causal_mask, position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
+                            cache=cache, **kwargs)
+        # trimmed queries read rows of an explicit mask: sdpa's implicit one cannot align them to the right keys
+        last_block_mask = (create_causal_mask(**mask_arguments, allow_is_causal_skip=False)
+                           if keep and causal_mask is None else causal_mask)
         value_embeddings = self._lookup_value_embeddings(input_ids)
         all_hidden_states = [inputs_embeds] if output_hidden_states else None
 
-        hidden_states = self._run_stage(self.prelude, inputs_embeds, value_embeddings, block_kwargs, all_hidden_states)
+        hidden_states = self._run_stage(self.prelude, inputs_embeds, value_embeddings, block_kwargs,
+                                        [slot_map.prelude(i) for i in range(len(self.prelude))], all_hidden_states)
+        depth_states = {}
         if self.looped:
             embeds = self.prelude_norm(hidden_states) if self.prelude_norm is not None else hidden_states
             state = self._initial_state(embeds, initial_state, state_generator)
-            depth_states = dict.fromkeys(output_depths or ())
-            if exit_threshold is not None:
-                state, loops_run = adaptive_iterate(self, state, embeds, int(schedule.total.max()), exit_threshold,
-                                                    value_embeddings, block_kwargs, attention_mask, past_length)
-                schedule = LoopSchedule(torch.zeros_like(loops_run), loops_run)
-            else:
-                state = self._iterate(state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states,
-                                      depth_states)
-            hidden_states = self.state_readout(state)
-        hidden_states = self._run_stage(self.coda, hidden_states, value_embeddings, block_kwargs, all_hidden_states,
-                                        positions_to_keep=keep)
-        hidden_states = self.norm(hidden_states)
+            states = [] if output_hidden_states or output_depths is not None else None
+            state = self._iterate(state, embeds, schedule, slot_map, value_embeddings, block_kwargs, states)
+            if all_hidden_states is not None:
+                all_hidden_states.extend(states)
+            if output_depths is not None:
+                depth_states = {depth: states[depth - 1] for depth in output_depths}
+        else:
+            state = hidden_states
+
+        def tail(state, depth_rank, record):  # unannotated: dynamo cannot evaluate ``list | None`` while tracing
+            """Read-out, coda and final norm of one depth's state (the coda's last block trimmed to ``keep``)."""
+            hidden = self.state_readout(state) if self.looped else state
+            slots = [slot_map.coda(i, depth_rank) for i in range(len(self.coda))]
+            return self.norm(self._run_stage(self.coda, hidden, value_embeddings, block_kwargs, slots, record,
+                                             keep=keep, last_block_mask=last_block_mask))
+
+        hidden_states = tail(state, 0, all_hidden_states)
         depth_hidden_states = None
         if output_depths is not None:  # the deepest is ``hidden_states``; the others get their own coda pass
             depth_hidden_states = tuple(
-                hidden_states if depth == num_loops else self.norm(self._run_stage(
-                    self.coda, self.state_readout(depth_states[depth]), value_embeddings, block_kwargs, None,
-                    slot_offset=ParcaeCache.coda_slot_offset(self.config, num_loops, output_depths, depth),
-                    positions_to_keep=keep))
+                hidden_states if depth == slot_map.num_loops else tail(depth_states[depth], slot_map.depth_rank(depth),
+                                                                        None)
                 for depth in output_depths
             )
 
         return ParcaeModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            **{CACHE_ARGUMENT: past_key_values if use_cache else None},
-            num_loops=schedule.total,
+            cache=cache if use_cache else None,
+            num_loops=schedule.loops_run,
             depth_hidden_states=depth_hidden_states,
         )
 
     # -- pieces of the forward pass ----------------------------------------------------------------------------
+
+    def _iterate(self, state: torch.Tensor, embeds: torch.Tensor, schedule: "LoopSchedule | ExitPolicy",
+                 slot_map: ParcaeSlotMap, value_embeddings: dict[str, torch.Tensor], block_kwargs: dict,
+                 states: list | None = None) -> torch.Tensor:
+        """The one loop of the core, ``state <- core(injection(state, e))``, under a depth policy (``schedule``) that
+        decides each loop's gradient, which tokens compute it (``begin``) and how their new states merge (``end``).
+        ``states``, when given, receives the state after each loop."""
+        precomputed = self.injection.precompute(embeds)  # loop-invariant: once, under the caller's grad mode
+        for loop in range(schedule.num_loops):
+            slots = [slot_map.core(loop, j) for j in range(len(self.core))]
+            with torch.set_grad_enabled(schedule.with_grad(loop) and torch.is_grad_enabled()):
+                step = schedule.begin(loop, CoreStep(state, embeds, precomputed, value_embeddings, block_kwargs), slots)
+                if step is not None:  # None: every token has exited, the state stays
+                    hidden = self.injection(step.state, step.embeds, step.precomputed)
+                    hidden = self._run_stage(self.core, hidden, step.value_embeddings, step.block_kwargs, slots)
+                    state = schedule.end(loop, state, hidden)
+            if states is not None:
+                states.append(state)
+        return state
+
+    def _run_stage(self, blocks: nn.ModuleList, hidden_states: torch.Tensor, value_embeddings: dict,
+                   block_kwargs: dict, slots: list[int], record: list | None = None, keep: int = 0,
+                   last_block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``blocks`` in order into their cache ``slots``, appending each output to ``record`` when given;
+        ``keep`` > 0 trims the last block to that many positions (reading its rows of ``last_block_mask``)."""
+        for index, (block, slot) in enumerate(zip(blocks, slots)):
+            trim = {}
+            if keep and index == len(blocks) - 1:
+                trim = {"positions_to_keep": keep, "attention_mask": last_block_mask}
+            hidden_states = block(hidden_states, value_embeddings.get(block.spec.value_embedding_key),
+                                  cache_slot=slot, **{**block_kwargs, **trim})
+            if record is not None:
+                record.append(hidden_states)
+        return hidden_states
+
+    def _depth_policy(self, num_loops: LoopCount | None, output_depths: Sequence[int] | None,
+                      exit_threshold: float | None, batch_size: int, seq_len: int, cache: Cache | None,
+                      attention_mask: torch.Tensor | None,
+                      past_length: int) -> tuple["LoopSchedule | ExitPolicy", tuple[int, ...] | None]:
+        """Validate the depth arguments once and turn them into the loop's policy (and the read-out depths)."""
+        if not self.looped:
+            if output_depths is not None or exit_threshold is not None:
+                raise ValueError("output_depths and exit_threshold need a looped model; this one has a fixed depth")
+            return LoopSchedule.fixed(0, 1), None
+        if output_depths is not None:
+            output_depths = self._check_output_depths(output_depths, num_loops)
+            num_loops = max(output_depths)
+        schedule = self._loop_schedule(num_loops, batch_size, seq_len)
+        if cache is not None and not schedule.is_uniform:
+            raise ValueError("a KV cache needs one loop count for the whole batch; pass an int num_loops")
+        if exit_threshold is None:
+            return schedule, output_depths
+        if self.training:
+            raise ValueError("exit_threshold is for evaluation and generation; call model.eval() first")
+        if output_depths is not None:
+            raise ValueError("exit_threshold and output_depths cannot be combined: a depth sweep runs every token to "
+                             "each depth")
+        if cache is not None and cache.is_compileable:
+            raise ValueError("exit_threshold packs the tokens that still loop, which a static (pre-allocated) cache "
+                             "cannot serve: use the default dynamic cache")
+        return ExitPolicy(schedule.num_loops, validate_exit_threshold(exit_threshold), attention_mask, past_length), None
 
     def _loop_schedule(self, num_loops: LoopCount | None, batch_size: int, seq_len: int) -> LoopSchedule:
         config = self.config
@@ -844,8 +908,6 @@ class ParcaeModel(ParcaePreTrainedModel):
         if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths) or len(
                 set(depths)) != len(depths):
             raise ValueError(f"output_depths must be a non-empty sequence of distinct positive ints, got {output_depths!r}")
-        if not self.looped:
-            raise ValueError("output_depths needs a looped model; this one has a fixed depth")
         if self.training:
             raise ValueError("output_depths is for evaluation (training samples its depths); call model.eval() first")
         if num_loops is not None and num_loops != max(depths):
@@ -853,34 +915,21 @@ class ParcaeModel(ParcaePreTrainedModel):
                              f"max(output_depths)={max(depths)} loops; leave num_loops out")
         return depths
 
-    def _check_exit_threshold(self, exit_threshold: float, output_depths: tuple[int, ...] | None) -> float:
-        if not self.looped:
-            raise ValueError("exit_threshold needs a looped model; this one has a fixed depth")
-        if self.training:
-            raise ValueError("exit_threshold is for evaluation and generation; call model.eval() first")
-        if output_depths is not None:
-            raise ValueError("exit_threshold and output_depths cannot be combined: a depth sweep runs every token to "
-                             "each depth")
-        return validate_exit_threshold(exit_threshold)
-
     def _position_ids(self, position_ids, attention_mask, past_length, batch_size, seq_len, device) -> torch.Tensor:
         """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone.
 
-        Without padding the count equals ``arange``, so the mask path needs no host sync to decide anything.
+        Without padding the count equals ``arange``, so the mask path needs no host sync to decide anything. Past
+        the trained context (and without a RoPE scaling that extends it) the model runs on, as transformers' decoders
+        do, with one warning.
         """
-        limit = self.config.max_position_embeddings
-        if self.rotary_emb.rope_type != "default" or torch.compiler.is_compiling():
-            # a scaled RoPE (linear, dynamic, yarn, ...) is the user's request for a longer context; a compiled step
-            # skips the check (a host sync), which the eager prefill of the same generate call has made
-            limit = None
-        if limit is not None and past_length + seq_len > limit:
-            raise ValueError(
-                f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
-                f"max_position_embeddings={limit}, the context the model was trained for"
-            )
+        if (self.rotary_emb.rope_type == "default" and not torch.compiler.is_compiling()
+                and past_length + seq_len > self.config.max_position_embeddings):
+            logger.warning_once(
+                f"The sequence ({past_length + seq_len} positions) is longer than the context this model was trained "
+                f"for (max_position_embeddings={self.config.max_position_embeddings}); quality may degrade past it. "
+                "A RoPE scaling (rope_parameters={'rope_type': 'linear' | 'dynamic' | 'yarn', 'factor': ...}) extends "
+                "the context.")
         if position_ids is not None:
-            if limit is not None and int(position_ids.max()) >= limit:
-                raise ValueError(f"position_ids reach {int(position_ids.max())}, beyond max_position_embeddings={limit}")
             return position_ids.expand(batch_size, -1) if position_ids.dim() == 1 else position_ids
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == past_length + seq_len:
             return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
@@ -890,72 +939,24 @@ class ParcaeModel(ParcaePreTrainedModel):
         """Value embeddings by table key, for the tables some block mixes in (looked up once, reused by every loop)."""
         if input_ids is None:
             return {}
-        keys = {block.value_embedding_key for block in (*self.prelude, *self.core, *self.coda)}
+        keys = {block.spec.value_embedding_key for block in (*self.prelude, *self.core, *self.coda)}
         return {key: self.value_embeddings[key](input_ids) for key in sorted(keys - {None})}
-
-    def _run_stage(self, blocks, hidden_states, value_embeddings, block_kwargs, all_hidden_states, loop=0,
-                   slot_offset=0, positions_to_keep=0):
-        """Run ``blocks`` in order, recording each output in ``all_hidden_states`` when given (``_iterate`` passes None:
-        it records the state after each loop instead). ``slot_offset`` moves the cache slots (a shallower depth's
-        coda under ``output_depths``); ``positions_to_keep`` applies to the last block (the final one of the model
-        when ``blocks`` is the coda)."""
-        for index, block in enumerate(blocks):
-            keep = {"positions_to_keep": positions_to_keep} if positions_to_keep and index == len(blocks) - 1 else {}
-            hidden_states = block(
-                hidden_states,
-                value_embeddings.get(block.value_embedding_key),
-                cache_slot=block.cache_slot(loop) + slot_offset,
-                **block_kwargs,
-                **keep,
-            )
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-        return hidden_states
 
     def _initial_state(self, embeds, initial_state, generator) -> torch.Tensor:
         config = self.config
         if initial_state is not None:
-            expected = (*embeds.shape[:-1], config.state_size)
-            if tuple(initial_state.shape) != expected:
-                raise ValueError(
-                    f"initial_state must have shape (batch, seq_len, state_size) = {expected}, "
-                    f"got {tuple(initial_state.shape)}"
-                )
-            return initial_state.to(embeds.dtype)
+            return initial_state.to(embeds.dtype)  # its shape was checked with the other inputs
         method = config.state_init if self.training or config.inference_state_init == "config" else "zero"
         return initialize_state(method, embeds, config.state_size, config.initializer_range, generator)
 
-    def _iterate(self, state, embeds, schedule, value_embeddings, block_kwargs, all_hidden_states,
-                 depth_states=None) -> torch.Tensor:
-        """Run the core: ``state <- core(injection(state, e))``, gradient only in the last iterations.
-        ``depth_states`` (loop count -> None) receives the state after each of its loop counts."""
-        precomputed = self.injection.precompute(embeds)  # once, under the caller's grad mode
-        for loop, (with_grad, active) in enumerate(schedule.steps()):
-            with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-                new_state = self._run_stage(
-                    self.core, self.injection(state, embeds, precomputed), value_embeddings, block_kwargs, None,
-                    loop=loop,
-                )
-            if active is not None:
-                # frozen samples keep their state; per-sequence masks broadcast over (T, S), per-token over S
-                mask = active.to(state.device).view(*active.shape, *([1] * (state.dim() - active.dim())))
-                new_state = torch.where(mask, new_state, state)
-            state = new_state
-            if depth_states and loop + 1 in depth_states:
-                depth_states[loop + 1] = state
-            if all_hidden_states is not None:
-                all_hidden_states.append(state)
-        return state
 
-
-def _positions_to_keep(positions_to_keep: int, reference: torch.Tensor, output_hidden_states: bool,
+def _positions_to_keep(positions_to_keep: int, seq_len: int, output_hidden_states: bool,
                        attn_implementation: str | None) -> int:
-    """The positions the last block computes (0: all of them). Only the eager and sdpa paths trim: they take the
-    mask rows of the kept queries (``_keep_mask_rows``); other kernels get every position."""
+    """The positions the last block computes (0: all of them). Only the eager and sdpa paths trim: they take rows of
+    an explicit mask; other kernels get every position."""
     if isinstance(positions_to_keep, bool) or not isinstance(positions_to_keep, int) or positions_to_keep < 0:
         raise ValueError(f"positions_to_keep must be an int >= 0 (0 keeps every position), got {positions_to_keep!r}")
-    if output_hidden_states or positions_to_keep >= reference.shape[1] or attn_implementation not in (None, "eager",
-                                                                                                        "sdpa"):
+    if output_hidden_states or positions_to_keep >= seq_len or attn_implementation not in (None, "eager", "sdpa"):
         return 0
     return positions_to_keep
 
@@ -990,13 +991,14 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: ParcaeCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -1006,7 +1008,6 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_depths: Sequence[int] | None = None,
         exit_threshold: float | None = None,
-        cache: ParcaeCache | None = None,
         **kwargs,
     ) -> ParcaeCausalLMOutputWithPast:
         r"""
@@ -1022,6 +1023,8 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         >>> logits = model(input_ids, num_loops=16).logits   # more compute per token, same parameters
         >>> model.generate(input_ids, num_loops=4, max_new_tokens=20)
         ```"""
+        if self.training and torch.is_grad_enabled():
+            self._refuse_float16_training()
         reference = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and tuple(labels.shape) != tuple(reference.shape[:2]):
             raise ValueError(
@@ -1031,7 +1034,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=resolve_cache_argument(past_key_values, cache),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_loops=num_loops,
@@ -1058,7 +1061,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             num_loops=outputs.num_loops,
             depth_logits=depth_logits,
-            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
+            cache=outputs.cache,
         )
 
     def _positions_for_logits(self, logits_to_keep: int | torch.Tensor, kwargs: dict) -> int:
@@ -1077,28 +1080,18 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             logits = self.config.logit_softcap * torch.tanh(logits.float() / self.config.logit_softcap)
         return logits
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length) -> None:
-        """``generate`` builds a loop-aware cache for the requested ``num_loops`` instead of a per-layer DynamicCache.
-        A cache the user passed is used under either name (``cache=`` also on transformers 5.23)."""
-        user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
-        if user_cache is not None:
-            user_cache._is_user_defined = True
-            model_kwargs[CACHE_ARGUMENT] = user_cache
-            return
-        if generation_config.use_cache is False:
-            return
-        num_loops = model_kwargs.get("num_loops")
-        num_loops = sum(resolve_loop_count(self.config.num_loops if num_loops is None else num_loops))
-        implementation = generation_config.cache_implementation
-        if implementation == "static":
-            length = max(max_cache_length, generation_config.max_cache_len or 0)
-            model_kwargs[CACHE_ARGUMENT] = ParcaeStaticCache(self.config, max_cache_len=length, num_loops=num_loops)
-        elif implementation in (None, "dynamic"):
-            model_kwargs[CACHE_ARGUMENT] = ParcaeCache(self.config, num_loops=num_loops)
-        else:
-            raise ValueError(f"cache_implementation={implementation!r} is not available for Parcae: use 'dynamic' "
-                             "(default) or 'static' (ParcaeStaticCache, for torch.compile)")
+    def _refuse_float16_training(self) -> None:
+        """float16 weights overflow in training without float32 master weights (the loss diverges, then NaN), which
+        neither Trainer nor the optimizers add; a float16 checkpoint (the demo ships one) is trained in float32 with
+        fp16/bf16 autocast instead. Frozen float16 weights (LoRA on a float16 base) are fine."""
+        half = [name for name, parameter in self.named_parameters()
+                if parameter.requires_grad and parameter.dtype == torch.float16]
+        if half:
+            raise ValueError(
+                f"{len(half)} trainable parameters are float16 (e.g. {half[0]}): training float16 weights without "
+                "float32 master weights diverges to NaN. Load the model in float32 (from_pretrained(..., "
+                "dtype=torch.float32)) and use mixed precision (TrainingArguments(bf16=True) or fp16=True), or freeze "
+                "the float16 weights (e.g. LoRA).")
 
 
-__all__ = ["ParcaeForCausalLM", "ParcaeModel", "ParcaePreTrainedModel", "ParcaeCache"]
+__all__ = ["ParcaeForCausalLM", "ParcaeModel", "ParcaePreTrainedModel"]

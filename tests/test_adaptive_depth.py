@@ -5,9 +5,13 @@ really not computed."""
 import pytest
 import torch
 
+from modeling_parcae import ParcaeSlotMap
+
 from conftest import (
     assert_greedy_agrees, assert_logits_agree, greedy_with_logits, threshold_with_margin, tiny_model,
 )
+
+pytestmark = pytest.mark.numerics  # exit decisions and cross-path comparisons
 
 LOOPS = 8
 
@@ -97,7 +101,7 @@ def test_cached_decoding_equals_uncached_under_the_rule(model):
     assert len(whole_loops.unique()) > 1  # tokens exit at different depths
     assert torch.equal(torch.cat(loops, dim=1), whole_loops)
     assert_logits_agree(torch.cat(logits, dim=1), whole_logits, atol=1e-5)
-    assert len(cache.layers) == model.config.num_cache_slots(LOOPS)
+    assert len(cache.layers) == ParcaeSlotMap.for_config(model.config, LOOPS).num_slots
     assert all(layer.keys.shape[-2] == ids.shape[1] for layer in cache.layers)  # every slot of every token filled
 
 

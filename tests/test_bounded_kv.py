@@ -22,19 +22,22 @@ def _generate(model, prompt, loops, cache):
 
 @pytest.mark.parametrize("loops", [1, 2, 3, 4, 5, 8, 16])
 def test_runs_at_every_loop_count_with_memory_independent_of_loops(model, loops):
-    from modeling_parcae import ParcaeCache, ParcaeSharedLoopCache
+    from transformers import DynamicCache
+
+    from modeling_parcae import ParcaeSharedLoopCache, ParcaeSlotMap
+    from modeling_parcae.cache_parcae import cache_memory_bytes
 
     config = model.config
     prompt = torch.randint(3, 288, (2, 7))
-    shared = _generate(model, prompt, loops, ParcaeSharedLoopCache(config, num_loops=loops))
-    exact = _generate(model, prompt, loops, ParcaeCache(config, num_loops=loops))
+    shared = _generate(model, prompt, loops, ParcaeSharedLoopCache())
+    exact = _generate(model, prompt, loops, DynamicCache())
     assert shared.sequences.shape == exact.sequences.shape == (2, 13)
     cache = shared.past_key_values
     assert len(cache.layers) == config.num_prelude_layers + config.num_core_layers + config.num_coda_layers
-    one_loop = _generate(model, prompt, 1, ParcaeCache(config, num_loops=1)).past_key_values
-    assert cache.memory_bytes() == one_loop.memory_bytes()  # the size of a 1-loop cache, for any loop count
-    assert exact.past_key_values.memory_bytes() == one_loop.memory_bytes() * config.num_cache_slots(loops) // (
-        config.num_cache_slots(1))
+    one_loop = _generate(model, prompt, 1, DynamicCache()).past_key_values
+    assert cache_memory_bytes(cache) == cache_memory_bytes(one_loop)  # the size of a 1-loop cache, for any loop count
+    assert cache_memory_bytes(exact.past_key_values) == cache_memory_bytes(one_loop) * (
+        ParcaeSlotMap.for_config(config, loops).num_slots) // ParcaeSlotMap.for_config(config, 1).num_slots
     if loops == 1:  # a single loop is its own last loop: the rule changes nothing
         assert torch.equal(shared.sequences, exact.sequences)
 
@@ -42,22 +45,23 @@ def test_runs_at_every_loop_count_with_memory_independent_of_loops(model, loops)
 def test_prefill_is_exact_and_decoding_reads_the_last_loop(model):
     """Within one forward every loop sees its own keys/values (prefill logits equal the exact cache's); a decode step
     equals the exact cache after every core slot of the exact cache is overwritten with the last loop's entries."""
-    from modeling_parcae import ParcaeCache, ParcaeSharedLoopCache
+    from transformers import DynamicCache
+
+    from modeling_parcae import ParcaeSharedLoopCache, ParcaeSlotMap
 
     config, loops = model.config, 4
+    slot_map = ParcaeSlotMap.for_config(config, loops)
     ids = torch.randint(3, 288, (1, 9))
     with torch.no_grad():
-        shared = ParcaeSharedLoopCache(config, num_loops=loops)
-        exact = ParcaeCache(config, num_loops=loops)
+        shared = ParcaeSharedLoopCache()
+        exact = DynamicCache()
         a = model(ids[:, :8], num_loops=loops, past_key_values=shared, use_cache=True).logits
         b = model(ids[:, :8], num_loops=loops, past_key_values=exact, use_cache=True).logits
         assert torch.equal(a, b)
-        first_core = config.num_prelude_layers + config.num_coda_layers
-        last = first_core + (loops - 1) * config.num_core_layers
         for loop in range(loops - 1):
             for j in range(config.num_core_layers):
-                slot = exact.layers[first_core + loop * config.num_core_layers + j]
-                slot.keys, slot.values = exact.layers[last + j].keys, exact.layers[last + j].values
+                slot, last = exact.layers[slot_map.core(loop, j)], exact.layers[slot_map.core(loops - 1, j)]
+                slot.keys, slot.values = last.keys, last.values
         step_shared = model(ids[:, 8:], num_loops=loops, past_key_values=shared, use_cache=True).logits
         step_exact = model(ids[:, 8:], num_loops=loops, past_key_values=exact, use_cache=True).logits
     assert (step_shared - step_exact).abs().max().item() <= 1e-5

@@ -13,8 +13,10 @@ from conftest import (
 )
 from transformers import PreTrainedTokenizerFast, TextIteratorStreamer
 
-from modeling_parcae import ParcaeCache, ParcaeForCausalLM
-from modeling_parcae.cache_parcae import CACHE_ARGUMENT
+from transformers import DynamicCache
+
+from modeling_parcae import ParcaeForCausalLM, ParcaeSlotMap
+from modeling_parcae.cache_parcae import cache_memory_bytes
 
 
 def greedy(model, input_ids, num_loops, max_new_tokens=10, **kwargs):
@@ -46,6 +48,7 @@ def agrees_with(model, prompt, reference, atol=1e-5, **kwargs):
     assert_greedy_agrees(*greedy_with_logits(model, prompt, **kwargs), *reference, atol=atol)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("loops", [1, 4, 8, 16])
 def test_cached_greedy_equals_uncached_on_a_random_model(loops, word_model):
     """A cached step runs one query row (other kernels than the uncached forward over the whole text): logits of
@@ -55,6 +58,7 @@ def test_cached_greedy_equals_uncached_on_a_random_model(loops, word_model):
     agrees_with(word_model, prompt, greedy_with_logits(word_model, prompt, use_cache=False, **kwargs), **kwargs)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", PARCAE_CASES)
 def test_cached_greedy_equals_uncached_and_official_tokens_on_golden_cases(case):
     model = load_golden_model(case)
@@ -80,6 +84,7 @@ def test_num_loops_reaches_every_forward_of_a_generation(word_model):
     assert calls == [5] * 3 + [1] * 3 * 3
 
 
+@pytest.mark.numerics
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(word_model):
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 288, (length,), generator=generator) for length in (9, 5, 2)]
@@ -100,11 +105,12 @@ def test_a_cache_refuses_another_loop_count(word_model):
     prompt = torch.randint(3, 288, (1, 6))
     out = word_model.generate(prompt, num_loops=4, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
-    assert isinstance(cache, ParcaeCache) and cache.num_loops == 4
+    assert isinstance(cache, DynamicCache) and cache.parcae_layout == (4, None)
     with pytest.raises(ValueError, match="num_loops=4.*num_loops=8"):
         word_model(out.sequences[:, -1:], past_key_values=cache, num_loops=8)
 
 
+@pytest.mark.numerics
 def test_a_returned_cache_continues_the_conversation(word_model):
     prompt = torch.randint(3, 288, (1, 6), generator=torch.Generator().manual_seed(2))
     first = word_model.generate(prompt, num_loops=3, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
@@ -117,34 +123,33 @@ def test_a_returned_cache_continues_the_conversation(word_model):
 
 def test_a_user_passed_cache_is_used(word_model):
     prompt = torch.randint(3, 288, (1, 4))
-    cache = ParcaeCache(word_model.config, num_loops=2)
+    cache = DynamicCache()
     greedy(word_model, prompt, 2, max_new_tokens=3, past_key_values=cache)
     assert cache.get_seq_length() == 4 + 2  # the last generated token is not fed back
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 def test_generate_takes_the_cache_under_either_name(name, word_model):
-    """transformers 5.24 renamed ``past_key_values`` to ``cache``; both names reach the model on 5.23 and 5.24."""
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name deprecated, as for Llama)."""
     prompt = torch.randint(3, 288, (1, 4), generator=torch.Generator().manual_seed(3))
-    cache = ParcaeCache(word_model.config, num_loops=2)
+    cache = DynamicCache()
     out = greedy(word_model, prompt, 2, max_new_tokens=3, return_dict_in_generate=True, **{name: cache})
     assert cache.get_seq_length() == 4 + 2
-    assert getattr(out, CACHE_ARGUMENT) is cache
+    assert out.cache is cache
     assert torch.equal(out.sequences, greedy(word_model, prompt, 2, max_new_tokens=3))
 
 
-def test_forward_takes_the_cache_under_either_name_and_refuses_both(word_model):
+def test_forward_takes_the_cache_under_either_name_and_warns_on_both(word_model):
     prompt = torch.randint(3, 288, (2, 5), generator=torch.Generator().manual_seed(4))
     by_name = {}
     for name in ("cache", "past_key_values"):
-        cache = ParcaeCache(word_model.config, num_loops=2)
+        cache = DynamicCache()
         out = word_model(prompt, num_loops=2, use_cache=True, **{name: cache})
-        assert getattr(out, CACHE_ARGUMENT) is cache and cache.get_seq_length() == 5
+        assert out.cache is cache and cache.get_seq_length() == 5
         by_name[name] = out.logits
     assert torch.equal(by_name["cache"], by_name["past_key_values"])
-    with pytest.raises(ValueError, match="pass the KV cache once"):
-        word_model(prompt, num_loops=2, cache=ParcaeCache(word_model.config, num_loops=2),
-                   past_key_values=ParcaeCache(word_model.config, num_loops=2))
+    with pytest.warns(FutureWarning, match="Both `past_key_values` and `cache` are set"):  # as for Llama
+        word_model(prompt, num_loops=2, cache=DynamicCache(), past_key_values=DynamicCache())
 
 
 def test_cache_reports_slots_and_bytes(word_model):
@@ -153,15 +158,16 @@ def test_cache_reports_slots_and_bytes(word_model):
     cache = out.past_key_values
     config = word_model.config
     slots = config.num_prelude_layers + 5 * config.num_core_layers + config.num_coda_layers
-    assert len(cache.layers) == slots == config.num_cache_slots(5)
+    assert len(cache.layers) == slots == ParcaeSlotMap.for_config(config, 5).num_slots
     cached_tokens = 6 + 4 - 1
     heads, head_dim = config.num_key_value_heads, config.head_dim
-    assert cache.memory_bytes() == slots * 2 * 2 * heads * cached_tokens * head_dim * 4
+    assert cache_memory_bytes(cache) == slots * 2 * 2 * heads * cached_tokens * head_dim * 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # decoding strategies
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.numerics
 def test_beam_search_returns_valid_sequences_and_matches_the_uncached_search(word_model):
     """Beams are ranked by summed log-probabilities, where two paths' rounding may swap near-equal beams: the
     comparison runs in float64, where the cache is exact up to ~1e-15 and swaps cannot happen, not in float32."""

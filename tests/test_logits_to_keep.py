@@ -6,7 +6,7 @@ forward's cache."""
 import pytest
 import torch
 
-from modeling_parcae import ParcaeCache
+from transformers import DynamicCache
 from tests.conftest import tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -67,7 +67,7 @@ def test_a_trimmed_prefill_caches_every_position(attn: str):
     prompt, rest = ids[:, :10], ids[:, 10:]
     with torch.no_grad():
         full = model(ids, attention_mask=mask, num_loops=3, use_cache=False).logits
-        cache = ParcaeCache(model.config, num_loops=3)
+        cache = DynamicCache()
         first = model(prompt, attention_mask=mask[:, :10], num_loops=3, past_key_values=cache, logits_to_keep=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, 10:]
         after = model(rest, attention_mask=mask, position_ids=positions, num_loops=3, past_key_values=cache).logits

@@ -83,12 +83,10 @@ def test_tp_plan_resolves_on_the_real_parameter_names_with_transformers_matcher(
     assert styles["model.prelude.0.self_attn.q_proj.weight"] is None  # attention replicated (see the config)
 
 
-def test_a_foreign_cache_is_refused_with_a_clear_error():
+def test_a_cache_that_is_not_a_transformers_cache_is_refused_with_a_clear_error():
     model = tiny_model()
-    with pytest.raises(TypeError, match="DynamicCache; Parcae needs a ParcaeCache"):
-        model(IDS, past_key_values=DynamicCache(), use_cache=True)
-    with pytest.raises(TypeError, match="DynamicCache; Parcae needs a ParcaeCache"):
-        model.generate(IDS, past_key_values=DynamicCache(), max_new_tokens=2)
+    with pytest.raises(TypeError, match="must be a transformers Cache"):
+        model(IDS, cache=[(torch.zeros(1), torch.zeros(1))], use_cache=True)
 
 
 def test_linear_rope_scaling_divides_positions_by_the_factor():

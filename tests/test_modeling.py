@@ -12,7 +12,9 @@ from conftest import (
     tiny_model,
 )
 
-from modeling_parcae import ParcaeCache, ParcaeConfig, ParcaeForCausalLM, list_presets, load_preset
+from transformers import DynamicCache
+
+from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, list_presets, load_preset
 from modeling_parcae.modeling_parcae import sample_loop_schedule
 
 
@@ -22,6 +24,7 @@ GOLDEN_LOOPS = (1, 2, 3, 5, 8, 12)
 # ---------------------------------------------------------------------------------------------------------------
 # parity with ../shared/golden (official code, fp32)
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", PARCAE_CASES)
 def test_logits_match_official_for_every_loop_count(case):
     model = load_golden_model(case)
@@ -44,6 +47,7 @@ def test_zero_state_is_the_inference_default():
     assert (logits - reference["logits_zero_5"]).abs().max() <= 1e-4
 
 
+@pytest.mark.numerics
 def test_gpt_baseline_matches_official():
     model = load_golden_model("gpt_baseline")
     reference = load_reference("gpt_baseline")
@@ -76,6 +80,7 @@ def test_config_num_loops_is_the_eval_default_and_from_pretrained_overrides_it(t
 # ---------------------------------------------------------------------------------------------------------------
 # attention_mask (deliberate deviation: the official code ignores it)
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", PARCAE_CASES)
 def test_left_padded_batch_equals_each_sequence_alone(case):
     model = load_golden_model(case)
@@ -181,8 +186,8 @@ def test_sampled_depths_follow_the_poisson_truncated_scheme():
     totals, no_grads, grads = [], [], []
     for step in range(400):
         schedule = sample_loop_schedule(config, batch_size=8, seq_len=4, step=step)
-        assert schedule.total.shape == (8,)
-        totals.append(schedule.total)
+        assert schedule.loops_run.shape == (8,)
+        totals.append(schedule.loops_run)
         no_grads.append(schedule.no_grad_depth)
         grads.append(schedule.grad_depth)
     total, grad, no_grad = torch.cat(totals).float(), torch.cat(grads), torch.cat(no_grads)
@@ -192,7 +197,7 @@ def test_sampled_depths_follow_the_poisson_truncated_scheme():
     assert torch.equal(no_grad + grad, total.long())
     # reproducible from (seed, step)
     again = sample_loop_schedule(config, batch_size=8, seq_len=4, step=17)
-    assert torch.equal(again.total, totals[17])
+    assert torch.equal(again.loops_run, totals[17])
 
 
 @pytest.mark.parametrize("method,shape", [("per-batch", (1,)), ("per-sequence", (3,)), ("per-token", (3, 5))])
@@ -274,7 +279,7 @@ def test_gradient_checkpointing_leaves_a_passed_cache_alone():
     model.activation_checkpointing_enable()
     model.train()
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
-    cache = ParcaeCache(model.config, num_loops=3)
+    cache = DynamicCache()
     model(ids, labels=ids, num_loops=(1, 2), past_key_values=cache, use_cache=True).loss.backward()
     assert cache.get_seq_length() == 0
 
@@ -428,10 +433,22 @@ def test_bad_num_loops_is_rejected(bad):
         model(torch.randint(0, 256, (1, 4)), num_loops=bad)
 
 
-def test_sequence_longer_than_max_positions_is_rejected():
+def test_a_sequence_longer_than_the_trained_context_runs_with_one_warning():
+    """As transformers' decoders do (Llama runs past max_position_embeddings); the positions beyond it are real."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_parcae.modeling_parcae import logger
+
     model = tiny_model(max_position_embeddings=16)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(torch.randint(0, 256, (1, 17)))
+    ids = torch.randint(0, 256, (1, 20))
+    logger.warning_once.cache_clear()
+    with CaptureLogger(logger) as captured, torch.no_grad():
+        long = model(ids, use_cache=False).logits
+        model(ids, use_cache=False)
+    assert captured.out.count("max_position_embeddings=16") == 1
+    assert torch.isfinite(long).all()
+    with torch.no_grad():  # causal: the first 16 positions do not depend on what follows
+        torch.testing.assert_close(long[:, :16], model(ids[:, :16], use_cache=False).logits)
 
 
 def test_labels_of_the_wrong_shape_are_rejected():

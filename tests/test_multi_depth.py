@@ -26,6 +26,7 @@ def _assert_same(got, want, mask=None):
     assert_logits_agree(got, want, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_every_depth_equals_a_separate_run(model):
     ids = torch.randint(3, 288, (2, 12))
     with torch.no_grad():
@@ -37,6 +38,7 @@ def test_every_depth_equals_a_separate_run(model):
     assert not torch.allclose(out.depth_logits[0], out.depth_logits[-1], atol=1e-3)  # depths really differ
 
 
+@pytest.mark.numerics
 def test_every_depth_equals_a_separate_run_with_padding(model):
     """Left padding (generation style) and right padding (scoring style) with an attention mask."""
     ids = torch.randint(3, 288, (3, 10))
@@ -48,16 +50,20 @@ def test_every_depth_equals_a_separate_run_with_padding(model):
             _assert_same(logits, _separate(model, depth, input_ids=ids, attention_mask=mask), mask)
 
 
+@pytest.mark.numerics
 def test_cached_continuation_at_every_depth(model):
     """A prefix cached with ``output_depths`` (one coda slot set per depth) and continued gives each depth's logits
     of the whole sequence run uncached: the path ``parcae eval`` uses to share a few-shot prefix across options."""
-    from modeling_parcae import ParcaeCache
+    from transformers import DynamicCache
+
+    from modeling_parcae import ParcaeSlotMap
 
     ids = torch.randint(3, 288, (2, 14))
     with torch.no_grad():
         first = model(ids[:, :9], output_depths=(2, 8), use_cache=True)
         cache = first.past_key_values
-        assert isinstance(cache, ParcaeCache) and len(cache.layers) == model.config.num_cache_slots(8) + 2
+        assert isinstance(cache, DynamicCache)
+        assert len(cache.layers) == ParcaeSlotMap.for_config(model.config, 8).num_slots + model.config.num_coda_layers
         cache.batch_select_indices(torch.tensor([0, 0, 1]))  # two options of item 0, one of item 1
         rows = ids[[0, 0, 1]].clone()
         rows[1, 9:] = torch.randint(3, 288, (5,))
@@ -67,7 +73,7 @@ def test_cached_continuation_at_every_depth(model):
 
 
 def test_bad_output_depths_are_refused(model):
-    from modeling_parcae import ParcaeCache
+    from transformers import DynamicCache
 
     ids = torch.randint(3, 288, (1, 4))
     for bad in ((), (0, 2), (2, 2), (1.5,), [True]):
@@ -76,7 +82,9 @@ def test_bad_output_depths_are_refused(model):
     with pytest.raises(ValueError, match="num_loops=8.*output_depths"):
         model(ids, output_depths=(1, 4), num_loops=8, use_cache=False)
     with pytest.raises(ValueError, match="output_depths"):
-        model(ids, output_depths=(1, 4), past_key_values=ParcaeCache(model.config, num_loops=4))
+        cache = DynamicCache()
+        model(ids, num_loops=4, cache=cache)
+        model(ids, output_depths=(1, 4), cache=cache)
     model.train()
     try:
         with pytest.raises(ValueError, match="evaluation"):

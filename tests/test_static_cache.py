@@ -5,7 +5,7 @@ import torch
 from conftest import assert_greedy_agrees, greedy_with_logits, tiny_model
 from transformers import CompileConfig
 
-from modeling_parcae.cache_parcae import ParcaeStaticCache
+from transformers import StaticCache
 
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7], [8, 1, 64, 33, 2, 19, 101]])
@@ -13,15 +13,16 @@ IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7], [8, 1, 64, 33, 2, 19, 101]])
 
 def test_static_cache_preallocates_one_fixed_slot_per_executed_block():
     model = tiny_model()  # prelude 1, core 2, coda 1
-    cache = ParcaeStaticCache(model.config, max_cache_len=20, num_loops=3)
-    assert len(cache.layers) == 1 + 3 * 2 + 1
+    cache = StaticCache(config=model.config, max_cache_len=20)
     with torch.no_grad():
-        model(IDS, past_key_values=cache, num_loops=3, use_cache=True)
+        model(IDS, cache=cache, num_loops=3, use_cache=True)
+    assert len(cache.layers) == 1 + 3 * 2 + 1
     for layer in cache.layers:
         assert layer.keys.shape == (2, 2, 20, model.config.head_dim)  # (batch, kv heads, max_cache_len, head_dim)
     assert int(cache.get_seq_length()) == IDS.shape[1]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("loops", [1, 3])
 def test_generate_with_the_static_cache_equals_the_dynamic_cache(loops):
     """The static cache attends over its pre-allocated length (other kernels than the dynamic cache): logits of every
@@ -30,28 +31,21 @@ def test_generate_with_the_static_cache_equals_the_dynamic_cache(loops):
     dynamic_tokens, dynamic_logits = greedy_with_logits(model, IDS, num_loops=loops, max_new_tokens=6)
     static = model.generate(IDS, num_loops=loops, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                             output_logits=True, cache_implementation="static")
-    assert isinstance(static.past_key_values, ParcaeStaticCache)
-    assert static.past_key_values.num_loops == loops
+    assert isinstance(static.cache, StaticCache)
+    assert static.cache.parcae_layout == (loops, None)
     assert_greedy_agrees(static.sequences[:, IDS.shape[1]:], torch.stack(static.logits, dim=1), dynamic_tokens,
                          dynamic_logits, atol=1e-5)
 
 
-def test_static_cache_refuses_overflow_and_other_cache_implementations():
-    model = tiny_model()
-    cache = ParcaeStaticCache(model.config, max_cache_len=4, num_loops=2)
-    with pytest.raises(ValueError, match="holds 4 positions"):
-        model(IDS, past_key_values=cache, num_loops=2, use_cache=True)
-    with pytest.raises(ValueError, match="cache_implementation='quantized' is not available"):
-        model.generate(IDS, max_new_tokens=2, cache_implementation="quantized")
 
 
 def _decode_step_inputs(model, loops):
     """Prefill eagerly into a static cache; return the inputs of the first decode step."""
-    cache = ParcaeStaticCache(model.config, max_cache_len=16, num_loops=loops)
+    cache = StaticCache(config=model.config, max_cache_len=16)
     with torch.no_grad():
-        logits = model(IDS, past_key_values=cache, num_loops=loops, use_cache=True).logits
+        logits = model(IDS, cache=cache, num_loops=loops, use_cache=True).logits
     positions = torch.full((IDS.shape[0], 1), IDS.shape[1])
-    return dict(input_ids=logits[:, -1:].argmax(-1), position_ids=positions, past_key_values=cache, num_loops=loops,
+    return dict(input_ids=logits[:, -1:].argmax(-1), position_ids=positions, cache=cache, num_loops=loops,
                 use_cache=True)
 
 
@@ -61,6 +55,7 @@ def test_the_decode_step_traces_as_one_graph_without_breaks():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
+@pytest.mark.numerics
 def test_compiled_static_decode_equals_eager_token_for_token():
     """generate compiles the decode step (fullgraph, inductor) when the cache is static. Inductor fuses and reorders
     floating-point work, so the compiled steps' logits equal eager's within 1e-5 and the greedy tokens are equal up to

@@ -109,20 +109,3 @@ class ParcaeModelTest(ModelTesterMixin, unittest.TestCase):
                    "blocks is the least that tests a loop (transformers allows Inkling2Loop the same 4)")
     def test_num_layers_is_small(self):
         pass
-
-    # The parameterized test feeds 1.5 x max_position_embeddings tokens to the unscaled model, which Parcae refuses by
-    # design (default RoPE: the trained context). RoPE scaling itself: test_model_rope_scaling_frequencies above and
-    # tests/test_model_api.py.
-    LONGER_THAN_TRAINED = "Parcae refuses more than max_position_embeddings tokens under default RoPE"
-
-    @unittest.skip(LONGER_THAN_TRAINED)
-    def test_model_rope_scaling_from_config_0_linear(self):
-        pass
-
-    @unittest.skip(LONGER_THAN_TRAINED)
-    def test_model_rope_scaling_from_config_1_dynamic(self):
-        pass
-
-    @unittest.skip(LONGER_THAN_TRAINED)
-    def test_model_rope_scaling_from_config_2_yarn(self):
-        pass
