@@ -134,3 +134,23 @@ def test_predict_returns_the_logits_alone(pretrained, tokenizer, splits, tmp_pat
     predictions = _trainer(model, tokenizer, splits, tmp_path / "out").predict(splits[1].select(range(4))).predictions
     assert isinstance(predictions, np.ndarray), f"expected the logits alone, got a {type(predictions).__name__}"
     assert predictions.shape[0] == 4 and predictions.shape[-1] == model.config.vocab_size
+
+
+def test_a_float16_checkpoint_is_refused_before_the_first_step_not_trained_into_nan(pretrained, tokenizer, splits,
+                                                                                     tmp_path):
+    """float16 weights without float32 master weights diverge (the bundled demo ships float16: loss 5 -> 110, then
+    NaN). The refusal names the fix; LoRA on a float16 base, whose trainable weights are float32, is not refused."""
+    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float16)
+    trainer = _trainer(model, tokenizer, splits, tmp_path / "fp16")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"trainable parameters are float16.*dtype=torch.float32"):
+        trainer.train()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # nothing was stepped
+    peft = pytest.importorskip("peft", reason="PEFT is an optional extra: pip install .[peft]")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    for name, parameter in lora.named_parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    lora.train()
+    ids = torch.tensor([splits[0][0]["input_ids"][:16]])
+    lora(input_ids=ids, labels=ids).loss  # no refusal: the float16 weights are frozen
