@@ -9,11 +9,13 @@ Two details make that hold:
 
 * blocks are compiled in place (an instance ``forward``): the module tree, the ``state_dict`` keys and the module
   hooks of DDP and FSDP2 stay as they are, and the hooks run outside the compiled graph;
-* a KV cache is written outside the compiled graph. Each block execution writes its own cache slot, a Python int
-  that differs per loop; inside the graph it would be a guard, i.e. one recompile per slot (the reason transformers'
-  layers, which index the cache by ``layer_idx``, recompile per layer when compiled one by one). The block sees a
-  :class:`_SlotView` of the cache instead, whose ``update`` writes the right slot eagerly; the graph breaks there and
-  resumes after it, so one graph serves every slot.
+* the block never sees which cache slot it writes. Each block execution writes its own slot, a Python int that
+  differs per loop; inside the graph it would be a guard, i.e. one recompile per slot (the reason transformers'
+  layers, which index the cache by ``layer_idx``, recompile per layer when compiled one by one). The block gets a
+  view of its slot instead: for transformers' plain layers (``DynamicLayer``, ``StaticLayer``) of a ``Cache`` whose
+  ``update`` is transformers' own, a :class:`_LayerView` traced into the graph — every slot's layer looks alike to
+  dynamo, so one graph serves all; for any other cache (offloading, quantized or sliding layers, caches that remap
+  slots) a :class:`_SlotView`, whose ``update`` writes the slot eagerly: the graph breaks there and resumes after it.
 
 Accelerate's ``compile_regions`` is not used: it also compiles every other leaf module (a ``ModuleDict`` of value
 embeddings cannot be indexed once wrapped) and copies the blocks; transformers has no regional compilation of its
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 # the cache argument of a block under either transformers release (``cache`` from 5.24, ``past_key_values`` before)
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -49,6 +52,26 @@ class _SlotView:
         return getattr(self.cache, name)
 
 
+class _LayerView:
+    """One slot's ``DynamicLayer`` / ``StaticLayer`` behind the cache's ``update`` signature, traced into the block's
+    graph."""
+
+    def __init__(self, layer: DynamicLayer | StaticLayer):
+        self.layer = layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.update(key_states, value_states, *args, **kwargs)
+
+
+def _slot_view(cache, slot: int) -> _LayerView | _SlotView:
+    """What the compiled block gets for ``cache``: a traced view of a plain transformers layer, else an eager one."""
+    layers = getattr(cache, "layers", None)
+    plain = (type(cache).update is Cache.update and not getattr(cache, "offloading", False) and layers is not None
+             and slot < len(layers) and type(layers[slot]) in (DynamicLayer, StaticLayer))
+    return _LayerView(layers[slot]) if plain else _SlotView(cache, slot)
+
+
 class _CompiledBlockForward:
     """A block's ``forward``: the compiled class ``forward``, called with the cache seen through a :class:`_SlotView`."""
 
@@ -58,7 +81,7 @@ class _CompiledBlockForward:
     def __call__(self, *args, **kwargs):
         for name in _CACHE_NAMES:
             if kwargs.get(name) is not None:
-                kwargs[name] = _SlotView(kwargs[name], kwargs.get("cache_slot"))
+                kwargs[name] = _slot_view(kwargs[name], kwargs.get("cache_slot"))
                 kwargs["cache_slot"] = 0  # the slot lives in the view: one constant for every execution
         return self.compiled_forward(self.block, *args, **kwargs)
 

@@ -107,9 +107,21 @@ def test_state_dict_keys_and_module_tree_are_unchanged():
 
 
 def test_inference_with_a_cache_does_not_recompile_when_num_loops_changes():
-    """Prefill (no cache), cached prefill and greedy generation with the dynamic and the static cache: logits equal
-    eager ones exactly (the recording backend runs the traced graphs as they are), and no new graph once each kind
-    of call has been seen, whatever num_loops."""
+    """Prefill (no cache), cached prefill and greedy generation with the dynamic and the static cache (both written
+    inside the graphs), and a cache whose own ``update`` runs eagerly between two graphs: logits equal eager ones
+    exactly (the recording backend runs the traced graphs as they are), and no new graph once each kind of call has
+    been seen, whatever num_loops."""
+    from transformers import DynamicCache
+
+    class CountingCache(DynamicCache):
+        """A cache that overrides ``update``: compiled blocks must call it eagerly, once per executed block."""
+
+        writes = 0
+
+        def update(self, *args, **kwargs):
+            self.writes += 1
+            return super().update(*args, **kwargs)
+
     model = tiny_model().eval()
     input_ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -122,8 +134,16 @@ def test_inference_with_a_cache_does_not_recompile_when_num_loops_changes():
         def run_everything(loops: int) -> None:
             torch.testing.assert_close(model(input_ids, num_loops=loops, use_cache=False).logits, reference[loops],
                                        atol=0, rtol=0)
+            calls = backend.calls
             torch.testing.assert_close(model(input_ids, num_loops=loops, use_cache=True).logits, reference[loops],
                                        atol=0, rtol=0)
+            # the default (growing) cache is written inside the graphs: one graph call per executed block, no break
+            executed = len(parcae_blocks(model)) + (loops - 1) * model.config.num_core_layers
+            assert backend.calls - calls == executed
+            cache = CountingCache()
+            torch.testing.assert_close(model(input_ids, num_loops=loops, use_cache=True, past_key_values=cache).logits,
+                                       reference[loops], atol=0, rtol=0)
+            assert cache.writes == executed
             for kind in ("dynamic", "static"):
                 tokens = model.generate(input_ids, num_loops=loops, max_new_tokens=5, do_sample=False,
                                         cache_implementation=kind, disable_compile=True)
