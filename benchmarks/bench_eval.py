@@ -42,6 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 PYTHON = sys.executable
+# the timed processes run outside the checkout: from its root, ``python -m`` would import the checkout's
+# ``modeling_parcae`` folder (without ``eval/``) instead of an installed (non-editable) package
+OUTSIDE = Path(tempfile.gettempdir())
 PARCAE = [PYTHON, "-m", "modeling_parcae.cli"]
 PRESET_TASKS = "copa,arc_easy,winograd,lambada_openai"
 SMOKE_TASKS = "copa,arc_easy,winograd,lambada_openai"
@@ -66,7 +69,7 @@ def timed(command: list[str]) -> tuple[float, float, str]:
     processes) of one whole process, and its stdout."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=OUTSIDE)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -310,7 +313,7 @@ def compare_with_official(args: argparse.Namespace, workdir: Path, bundle: Path)
                                                 bundle, official_out)
     if not smoke:  # untimed: the interpreter, torch and the driver into the page cache for whichever runs first
         subprocess.run([PYTHON, "-c", "import torch, transformers, lm_eval; torch.zeros(1, device='cuda')"],
-                       check=True, cwd=REPO)
+                       check=True, cwd=OUTSIDE)
     times, _ = interleave(commands, args.repeats)
     median = medians(times)
     mine = json.loads(ours_out.read_text())["results"]["8"]
@@ -352,7 +355,7 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_eval-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle = Path(args.bundle)
+    bundle = Path(args.bundle).resolve()
     report: dict = {"machine": machine(), "mode": args.mode, "python": platform.python_version(),
                     "process": "whole process: interpreter start, imports, model load, tasks, scoring, report"}
     if args.mode != "official" and args.limit is None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from lm_eval.api.model import LM
@@ -64,6 +65,21 @@ def _document_texts(task_type: str | None, args: tuple[tuple[str, str], ...]) ->
         return core_prompt_strings(task_type, list(args))
     (context, continuation), = args
     return [context, context + continuation]
+
+
+@contextmanager
+def _parallel_tokenization() -> Iterator[None]:
+    """Every prompt of a run is tokenized in one batch: let the Rust tokenizer spread it over all cores (it reads
+    ``TOKENIZERS_PARALLELISM`` at each call). With a small-vocabulary tokenizer this batch is the largest CPU cost of a
+    GPU run. Afterwards the variable is back to its value, or "false" where it had none: a process forked later must not
+    wait on the parent's thread pool (a fork does not copy it), and with the variable set tokenizers prints no fork
+    warning."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = previous or "false"
 
 
 def _row_key(row: Row) -> tuple:
@@ -138,7 +154,8 @@ class ParcaeLM(LM):
         if not todo:
             return
         texts = [_document_texts(task_type, args) for task_type, args in todo]
-        encoded = iter(encode_with_bos(self.tokenizer, [text for group in texts for text in group]))
+        with _parallel_tokenization():
+            encoded = iter(encode_with_bos(self.tokenizer, [text for group in texts for text in group]))
         for (task_type, args), group in zip(todo, texts):
             rows = [next(encoded) for _ in group]
             if task_type:

@@ -2,6 +2,8 @@
 ``parcae eval`` does on CUDA), exercised on CPU: per-item results equal the unbatched paths, and the report's CORE is
 identical."""
 
+import os
+
 import pytest
 import torch
 
@@ -141,3 +143,26 @@ def test_out_of_memory_halves_the_budget_and_finishes(tiny, bundle):
         assert [s["acc"] for s in small[label]["samples"]] == [s["acc"] for s in free[label]["samples"]]
         for a, b in zip(small[label]["samples"], free[label]["samples"]):
             assert a["mean_loss"] == pytest.approx(b["mean_loss"], abs=1e-5)
+
+
+def test_prompts_tokenize_in_parallel_and_the_setting_is_restored(tiny, monkeypatch):
+    """One batch of prompts goes through the Rust tokenizer with its parallelism on; afterwards the variable is back
+    (unset becomes "false", so later forks neither reuse the pool nor warn)."""
+    from modeling_parcae.eval import lm as lm_module
+
+    model, tokenizer = tiny
+    seen = []
+    encode = lm_module.encode_with_bos
+
+    def watching(tok, texts):
+        seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return encode(tok, texts)
+
+    monkeypatch.setattr(lm_module, "encode_with_bos", watching)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    parcae = lm_module.ParcaeLM(model, tokenizer=tokenizer)
+    parcae._plan_rows({("multiple_choice", (("Q: a or b?", " a"), ("Q: a or b?", " b")))})
+    assert seen == ["true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    parcae._plan_rows({("multiple_choice", (("Q: c or d?", " c"), ("Q: c or d?", " d")))})
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
