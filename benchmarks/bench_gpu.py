@@ -29,6 +29,9 @@ first call and the graphs compiled when ``num_loops`` changes (Llama: when its e
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -36,13 +39,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_released_shapes import machine_description, save_report
 from released_models import (
     build_llama, build_official, build_parcae, executed_depth, import_official, set_llama_depth,
 )
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
+from modeling_parcae.atomic import write_atomically
 from modeling_parcae.chunked_loss import chunked_linear_cross_entropy
 from modeling_parcae.compilation import compile_blocks
 
@@ -330,7 +334,8 @@ def bench_inference(settings: dict, device: torch.device) -> dict:
 
 
 def versions(device: torch.device) -> dict:
-    info = machine_description(torch.get_num_threads())
+    info = dict(platform=platform.platform(), python=platform.python_version(), cpu_cores=os.cpu_count(),
+                torch=torch.__version__, transformers=transformers.__version__)
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                     gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
@@ -367,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sections:
         report[name] = guarded(name, sections[name])
         report["wall_seconds"] = time.perf_counter() - started
-        save_report(report, output)  # after each section: a run cut short keeps what it measured
+        # after each section, whole or not at all: a run cut short keeps what it measured
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(output, lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
     for name, row in report.get("training", {}).get("rows", {}).items():
         if "error" in row:
             print(f"{name:>30}: failed ({row['error'][:100]})")
