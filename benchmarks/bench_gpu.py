@@ -39,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import torch.nn.functional as F
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
@@ -375,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.smoke:
         parser.error("no CUDA device: run with --smoke on CPU")
     output = args.out or RESULTS.with_name("gpu_smoke.json" if args.smoke else "gpu.json")
+    # compile times from scratch: no kernels or graphs reused from an earlier run's on-disk caches
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     started = time.perf_counter()
     official_class, official_problem = import_official()
     if official_problem:
