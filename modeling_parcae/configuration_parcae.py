@@ -6,6 +6,8 @@ field names the official ``parcae_lm`` field it mirrors, so conversion is a plai
 This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
 """
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -123,6 +125,7 @@ class ParcaeConfig(PreTrainedConfig):
     pad_token_id: int | None = 2
 
     def __post_init__(self, **kwargs):
+        _refuse_misspelt_fields(self, kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.state_size is None:
@@ -269,6 +272,16 @@ def validate_num_loops(value, name: str = "num_loops") -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _refuse_misspelt_fields(config, extra: dict) -> None:
+    """Extra keyword arguments are how transformers carries keys it does not model, so they are accepted, except a
+    near-miss of one of this config's fields (``mean_recurence``): that one would be dropped silently."""
+    names = [field.name for field in dataclasses.fields(config)]
+    for key in extra:
+        meant = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+        if meant and not hasattr(PreTrainedConfig, key):
+            raise ValueError(f"unknown config field {key!r}: did you mean {meant[0]!r}?")
 
 
 def _check_positive(config, *names):

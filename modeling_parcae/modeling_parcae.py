@@ -562,8 +562,12 @@ class ParcaePreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Validate the config before writing anything: transformers copies the remote-code files first and would
-        leave a directory holding only those when the config (edited after loading) is invalid."""
+        leave a directory holding only those when the config (edited after loading) is invalid. Remote code names the
+        base model for ``AutoModel`` too (transformers writes only the saved class into ``auto_map``)."""
         self.config.validate()
+        if self._auto_class is not None:
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": f"{__name__.split('.')[-1]}.ParcaeModel"}
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()

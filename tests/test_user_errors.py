@@ -111,8 +111,6 @@ def test_the_next_conversion_removes_what_a_killed_one_left_even_when_it_refuses
     assert not orphan.exists() and (tmp_path / "dst" / "keep").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's change in configuration_parcae.py: ParcaeConfig accepts "
-                                       "unknown keyword arguments silently")
 def test_a_misspelt_config_key_is_refused_naming_it_and_the_key_meant():
     from modeling_parcae import ParcaeConfig, load_preset
 
