@@ -87,7 +87,7 @@ def evaluate(model, tokenizer, *, model_name: str, labels: list[str], bundle: st
         present, missing = split_available(bundle, labels)
         if missing:
             logger.warning("skipping %d task(s) whose data file is missing from %s: %s", len(missing), bundle,
-                           ", ".join(missing))
+                           ", ".join(f"{label} (eval_data/{TASKS[label].dataset_uri})" for label in missing))
             report["skipped"] = missing
         if not present and not bpb_documents:
             raise ValueError(f"none of the requested tasks has its data file in {bundle}")

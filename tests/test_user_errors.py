@@ -118,3 +118,22 @@ def test_a_misspelt_config_key_is_refused_naming_it_and_the_key_meant():
         load_preset("parcae-140m", mean_recurence=16)
     with pytest.raises(ValueError, match=r"mean_recurence.*mean_recurrence"):
         ParcaeConfig(mean_recurence=16)
+
+
+def test_parcae_eval_names_the_missing_file_of_each_task_it_skips(tmp_path, caplog):
+    import logging
+
+    from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_tokenizer
+    from modeling_parcae.eval.runner import evaluate
+
+    bundle = _bundle_with(tmp_path, ["copa"])
+    (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ncopa,50\nhellaswag,25\n")
+    tokenizer = load_tokenizer(FIXTURES / "tokenizer")
+    config = ParcaeConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_prelude_layers=1, num_core_layers=1, num_coda_layers=1, max_position_embeddings=64)
+    model = ParcaeForCausalLM(config).eval()
+    with caplog.at_level(logging.WARNING):
+        report = evaluate(model, tokenizer, model_name="tiny", labels=["copa", "hellaswag"], bundle=bundle,
+                          seeds=[1234], loops=[1], limit=1)
+    assert report["skipped"] == ["hellaswag"]
+    assert f"hellaswag (eval_data/{TASKS['hellaswag'].dataset_uri})" in caplog.text
