@@ -40,16 +40,13 @@ _RECOMPILE_LIMIT = 64
 class _SlotView:
     """The KV cache as one block execution sees it: ``update`` writes slot ``slot``, eagerly (a graph break)."""
 
-    def __init__(self, cache, slot: int):
+    def __init__(self, cache: Cache, slot: int):
         self.cache, self.slot = cache, slot
 
     @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, *args,
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.cache, name)
 
 
 class _LayerView:
@@ -64,7 +61,7 @@ class _LayerView:
         return self.layer.update(key_states, value_states, *args, **kwargs)
 
 
-def _slot_view(cache, slot: int) -> _LayerView | _SlotView:
+def _slot_view(cache: Cache, slot: int) -> _LayerView | _SlotView:
     """What the compiled block gets for ``cache``: a traced view of a plain transformers layer, else an eager one."""
     layers = getattr(cache, "layers", None)
     plain = (type(cache).update is Cache.update and not getattr(cache, "offloading", False) and layers is not None
@@ -73,7 +70,7 @@ def _slot_view(cache, slot: int) -> _LayerView | _SlotView:
 
 
 class _CompiledBlockForward:
-    """A block's ``forward``: the compiled class ``forward``, called with the cache seen through a :class:`_SlotView`."""
+    """A block's ``forward``: the compiled class ``forward``, called with a view of the block's cache slot."""
 
     def __init__(self, block: nn.Module, compiled_forward):
         self.block, self.compiled_forward = block, compiled_forward
@@ -99,8 +96,8 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | N
     Call it before ``accelerator.prepare`` / ``Trainer(...)`` and leave ``TrainingArguments.torch_compile`` off (it
     would compile the whole model around the blocks). ``dynamic=False`` suits training (fixed shapes, as the
     official recipe); the default lets a decode step's growing cache length become a dynamic dimension after the
-    first recompile instead of one graph per length. Idempotent: a compiled block is compiled again with the new
-    settings.
+    first recompile instead of one graph per length. ``fullgraph=True`` fails on a cache written eagerly (see the
+    module docstring). Idempotent: a compiled block is compiled again with the new settings.
     """
     blocks = parcae_blocks(model)
     if not blocks:
