@@ -219,3 +219,20 @@ def threshold_with_margin(run, candidates, margin: float = 1e-3) -> float:
         if all(torch.equal(a, b) for other in (outcomes[0], outcomes[2]) for a, b in zip(outcomes[1], other)):
             return threshold
     raise AssertionError(f"no exit_threshold among {list(candidates)} decides every exit with a margin of {margin}")
+
+
+def exit_threshold_candidates(model, ids, num_loops, mask=None, count=16) -> list[float]:
+    """``exit_threshold`` values that mix exit depths and sit far from any token's criterion, for
+    :func:`threshold_with_margin`: the relative state change after loop 4 (read from ``output_hidden_states`` of a
+    fixed-depth run) of the middle 60% of the tokens, and the midpoints of the widest gaps between neighbouring
+    values there, widest first; about half of the tokens exit at loop 4."""
+    with torch.no_grad():
+        states = model(ids, attention_mask=mask, num_loops=num_loops, output_hidden_states=True,
+                       use_cache=False).hidden_states
+    first = 1 + model.config.num_prelude_layers
+    third, fourth = states[first + 2], states[first + 3]
+    change = (fourth - third).norm(dim=-1) / fourth.norm(dim=-1)
+    values = (change[mask.bool()] if mask is not None else change.flatten()).sort().values
+    values = values[int(0.2 * len(values)): int(0.8 * len(values)) + 1]
+    widest = (values[1:] - values[:-1]).argsort(descending=True)[:count]
+    return [float(values[i] + values[i + 1]) / 2 for i in widest]

@@ -8,7 +8,8 @@ import torch
 from modeling_parcae import ParcaeSlotMap
 
 from conftest import (
-    assert_greedy_agrees, assert_logits_agree, greedy_with_logits, threshold_with_margin, tiny_model,
+    assert_greedy_agrees, assert_logits_agree, exit_threshold_candidates, greedy_with_logits, threshold_with_margin,
+    tiny_model,
 )
 
 pytestmark = pytest.mark.numerics  # exit decisions and cross-path comparisons
@@ -20,23 +21,6 @@ LOOPS = 8
 def model():
     return tiny_model(vocab_size=288, hidden_size=32, intermediate_size=64, mean_recurrence=LOOPS,
                       max_position_embeddings=64)
-
-
-def _candidate_thresholds(model, ids, mask=None, count=16):
-    """Thresholds that mix exit depths and sit far from any token's criterion: the relative state change after loop
-    4 (read from ``output_hidden_states`` of a fixed-depth run) of the middle 60% of the tokens, and the midpoints of
-    the widest gaps between neighbouring values there, widest first; about half of the tokens exit at loop 4."""
-    with torch.no_grad():
-        states = model(ids, attention_mask=mask, num_loops=LOOPS, output_hidden_states=True,
-                       use_cache=False).hidden_states
-    first = 1 + model.config.num_prelude_layers
-    third, fourth = states[first + 2], states[first + 3]
-    change = (fourth - third).norm(dim=-1) / fourth.norm(dim=-1)
-    values = (change[mask.bool()] if mask is not None else change.flatten()).sort().values
-    values = values[int(0.2 * len(values)): int(0.8 * len(values)) + 1]
-    gaps = values[1:] - values[:-1]
-    widest = gaps.argsort(descending=True)[:count]
-    return [float(values[i] + values[i + 1]) / 2 for i in widest]
 
 
 def test_threshold_zero_is_fixed_depth_exactly(model):
@@ -57,7 +41,7 @@ def test_threshold_zero_is_fixed_depth_exactly(model):
 def test_tokens_exit_at_different_depths_and_compute_is_saved(model):
     """Count the tokens each core block really processes: fewer than batch * tokens * loops."""
     ids = torch.randint(3, 288, (2, 12))
-    threshold = _candidate_thresholds(model, ids)[0]
+    threshold = exit_threshold_candidates(model, ids, LOOPS)[0]
     processed = []
     hooks = [block.register_forward_pre_hook(lambda m, args: processed.append(args[0].shape[:-1].numel()))
              for block in model.model.core]
@@ -88,7 +72,7 @@ def test_cached_decoding_equals_uncached_under_the_rule(model):
             out = model(ids, num_loops=LOOPS, exit_threshold=threshold, use_cache=False)
         return out.num_loops, out.logits
 
-    threshold = threshold_with_margin(uncached, _candidate_thresholds(model, ids))
+    threshold = threshold_with_margin(uncached, exit_threshold_candidates(model, ids, LOOPS))
     whole_loops, whole_logits = uncached(threshold)
     with torch.no_grad():
         step = model(ids[:, :6], num_loops=LOOPS, exit_threshold=threshold, use_cache=True)
@@ -124,7 +108,7 @@ def test_batch_rows_exit_independently_and_equal_each_row_alone(model):
                                             exit_threshold=threshold, max_new_tokens=8)
         return out.num_loops, out.logits, tokens, logits
 
-    threshold = threshold_with_margin(batched, _candidate_thresholds(model, ids, mask))
+    threshold = threshold_with_margin(batched, exit_threshold_candidates(model, ids, LOOPS, mask))
     loops, logits, tokens, token_logits = batched(threshold)
     for row, prompt in enumerate(prompts):
         with torch.no_grad():

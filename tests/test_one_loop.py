@@ -66,6 +66,7 @@ def test_an_offloaded_cache_without_cuda_is_refused_with_a_clear_error():
             greedy(model, IDS, cache_implementation=implementation)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
