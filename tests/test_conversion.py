@@ -49,6 +49,7 @@ def leftovers(parent: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # official -> transformers -> official
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", ["official", "official_receval"])
 @pytest.mark.parametrize("case", PARCAE_CASES)
 def test_every_layout_converts_and_reproduces_official_logits(tmp_path, case, layout, official_layout):
@@ -57,6 +58,7 @@ def test_every_layout_converts_and_reproduces_official_logits(tmp_path, case, la
     assert_matches_official(dst, case)
 
 
+@pytest.mark.numerics
 def test_gpt_baseline_converts_and_reproduces_official_logits(tmp_path):
     source = golden_case_dir("gpt_baseline") / "official"  # skips with a message when ../shared is absent
     assert convert(source, tmp_path / "hf") == 0
@@ -79,6 +81,7 @@ def assert_bit_exact(original: dict, round_trip: dict) -> None:
     assert round_trip["lm_head.weight"].data_ptr() == round_trip["transformer.wte.weight"].data_ptr()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", ["official", "official_receval"])
 @pytest.mark.parametrize("case", PARCAE_CASES)
 def test_round_trip_to_official_is_bit_exact(tmp_path, case, layout, official_layout):
