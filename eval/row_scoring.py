@@ -154,11 +154,12 @@ def bytes_per_token(model, depths: list[int | None]) -> int:
         loops = max(d if d is not None else config.num_loops for d in depths)
         blocks = config.num_prelude_layers + loops * config.num_core_layers + len(depths) * config.num_coda_layers
     else:
-        blocks = getattr(config, "num_hidden_layers", 1)
+        blocks = getattr(config, "num_hidden_layers", None) or 1
     hidden = config.hidden_size
     heads = getattr(config, "num_attention_heads", 1)
-    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * getattr(config, "head_dim", hidden // heads)
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     cache = blocks * 2 * kv_width * itemsize
     logits = len(depths) * config.vocab_size * (itemsize + 4)
     activations = (8 * hidden + 3 * intermediate) * 4 + getattr(config, "max_position_embeddings", 2048)
