@@ -33,6 +33,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .adaptive_parcae import ExitPolicy, validate_exit_threshold
 from .cache_parcae import ParcaeSlotMap, prepare_cache
+from .chunked_loss import chunked_linear_cross_entropy
 from .configuration_parcae import BlockSpec, ParcaeConfig, validate_num_loops
 
 
@@ -1012,11 +1013,17 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_depths: Sequence[int] | None = None,
         exit_threshold: float | None = None,
+        chunked_loss: bool = False,
         **kwargs,
     ) -> ParcaeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
             Token ids for the language-modelling loss, **unshifted** (the loss shifts them), -100 to ignore.
+        shift_labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*, in ``kwargs`` as for Llama):
+            Targets already aligned with the positions (the next token of each), instead of ``labels``.
+        chunked_loss (`bool`, *optional*, defaults to `False`):
+            Compute head and loss chunk by chunk (``chunked_loss.py``): the ``(tokens, vocab)`` logits never exist,
+            ``logits`` is ``None``. For pretraining at large vocabularies (``parcae train`` uses it).
         num_loops, initial_state, state_generator, output_depths, exit_threshold: see [`ParcaeModel.forward`];
             with ``output_depths`` the logits of every depth are in ``depth_logits``.
 
@@ -1029,6 +1036,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         ```"""
         if self.training and torch.is_grad_enabled():
             self._refuse_float16_training()
+        shift_labels = kwargs.pop("shift_labels", None)  # not a named argument: Trainer would take it for a label
         reference = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and tuple(labels.shape) != tuple(reference.shape[:2]):
             raise ValueError(
@@ -1049,14 +1057,23 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             positions_to_keep=self._positions_for_logits(logits_to_keep, kwargs),
             **kwargs,
         )
+        if chunked_loss:
+            if labels is None and shift_labels is None or self.config.logit_softcap is not None or logits_to_keep:
+                raise ValueError("chunked_loss computes the loss without logits: it needs labels or shift_labels, "
+                                 "and neither logit_softcap nor logits_to_keep")
+            targets = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=-100)[:, 1:]
+            loss = chunked_linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, targets)
+            return ParcaeCausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, cache=outputs.cache,
+                                                attentions=outputs.attentions, num_loops=outputs.num_loops)
         logits = self._logits(outputs.last_hidden_state, logits_to_keep)
         depth_logits = None
         if outputs.depth_hidden_states is not None:
             depth_logits = tuple(self._logits(hidden, logits_to_keep) for hidden in outputs.depth_hidden_states)
 
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      shift_labels=None if shift_labels is None else shift_labels.contiguous(), **kwargs)
 
         return ParcaeCausalLMOutputWithPast(
             loss=loss,

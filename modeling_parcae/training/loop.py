@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -242,8 +241,9 @@ def _accumulate_gradients(model, accelerator: Accelerator,
         rows = rows.to(accelerator.device)
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            outputs = model(input_ids=rows[:, :-1])
-            loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), rows[:, 1:].flatten())
+            # head and loss chunk by chunk: the (tokens x vocabulary) float32 logits are never materialised
+            outputs = model(input_ids=rows[:, :-1], shift_labels=rows[:, 1:], chunked_loss=True)
+            loss = outputs.loss
             accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach())
         if outputs.num_loops is not None:

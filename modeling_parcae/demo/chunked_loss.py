@@ -1,0 +1,1 @@
+../chunked_loss.py
