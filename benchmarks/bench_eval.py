@@ -299,6 +299,8 @@ def compare_items(ours_samples: dict[str, list[dict]], official_items: dict[str,
 def compare_with_official(args: argparse.Namespace, workdir: Path, bundle: Path) -> dict:
     """Whole-process wall time of ``parcae eval`` and of the official evaluator on the same model, tasks and items,
     and their per-item agreement."""
+    from released_models import import_official
+
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
     model = random_model(workdir, smoke)
@@ -311,7 +313,7 @@ def compare_with_official(args: argparse.Namespace, workdir: Path, bundle: Path)
     report: dict = {"model": f"{model.name}: random weights, fp32 on disk", "device": device, "tasks": tasks,
                     "limit": limit, "num_loops": 8, "seeds": [SEED], "ours": " ".join(ours[2:])}
     commands = {"parcae_eval": ours}
-    _, reason = __import__("released_models").import_official()
+    _, reason = import_official()
     if reason:
         report["official_skipped"] = reason
         print(f"official evaluator skipped: {reason}", flush=True)
@@ -337,7 +339,8 @@ def compare_with_official(args: argparse.Namespace, workdir: Path, bundle: Path)
             "official_phases_seconds": theirs["seconds"],
             "same_tasks": sorted(theirs["tasks"]) == sorted(mine["tasks"]),
             # the official accuracy is a float32 mean
-            "same_accuracies": all(abs(mine["tasks"][k]["acc"] - v) < 1e-6 for k, v in theirs["tasks"].items()),
+            "same_accuracies": all(k in mine["tasks"] and abs(mine["tasks"][k]["acc"] - v) < 1e-6
+                                   for k, v in theirs["tasks"].items()),
             "items": compare_items(samples, theirs["items"])})
     return report
 
