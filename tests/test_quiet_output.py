@@ -16,11 +16,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH"
 
 def test_lm_eval_git_probe_prints_nothing_outside_a_checkout(tmp_path, capfd, monkeypatch):
     import lm_eval.evaluator
+    import lm_eval.loggers.utils
 
     from modeling_parcae.eval.quiet import silence_lm_eval_git_probe
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.evaluator.get_git_commit_hash)
+    # lm-eval's own probe, from where it is defined: an earlier test in this process may have silenced the evaluator's
+    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.loggers.utils.get_git_commit_hash)
     lm_eval.evaluator.get_git_commit_hash()
     assert "not a git repository" in capfd.readouterr().err  # the probe this replaces
     silence_lm_eval_git_probe()

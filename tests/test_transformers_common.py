@@ -72,6 +72,14 @@ class ParcaeModelTester:
         return config, {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def _attention_reaching_the_output():
+    """Initialise the output projections like every other matrix (the official init zeroes them)."""
+    import modeling_parcae.modeling_parcae as modeling
+
+    rules = tuple(rule for rule in modeling._INIT_BY_NAME_SUFFIX if rule[1] != "zero")
+    return mock.patch.object(modeling, "_INIT_BY_NAME_SUFFIX", rules)
+
+
 class ParcaeModelTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (ParcaeModel, ParcaeForCausalLM)
 
@@ -104,6 +112,22 @@ class ParcaeModelTest(ModelTesterMixin, unittest.TestCase):
                      "the transformers source distribution does not ship tests/generation (GenerationTesterMixin)")
     def test_generation_tester_mixin_inheritance(self):
         super().test_generation_tester_mixin_inheritance()
+
+    # transformers' RoPE-scaling test checks that a scaled model's outputs differ from the unscaled one's; the official
+    # init zeroes every attention output projection (and MLP down projection), so at initialisation attention, and
+    # RoPE with it, cannot reach the output. The upstream test runs unchanged on models initialised with those
+    # projections orthogonal like every other matrix.
+    def test_model_rope_scaling_from_config_0_linear(self):
+        with _attention_reaching_the_output():
+            super().test_model_rope_scaling_from_config_0_linear()
+
+    def test_model_rope_scaling_from_config_1_dynamic(self):
+        with _attention_reaching_the_output():
+            super().test_model_rope_scaling_from_config_1_dynamic()
+
+    def test_model_rope_scaling_from_config_2_yarn(self):
+        with _attention_reaching_the_output():
+            super().test_model_rope_scaling_from_config_2_yarn()
 
     @unittest.skip("a looped model has prelude, core and coda blocks and runs the core num_loops times: 4 executed "
                    "blocks is the least that tests a loop (transformers allows Inkling2Loop the same 4)")
