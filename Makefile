@@ -1,10 +1,11 @@
-# Two idempotent entry points: `make demo` (set up, then the main job) and `make test` (set up, then the suite).
+# Idempotent entry points: `make demo` (set up, then the main job), `make test` (set up, then the suite but its slow
+# lanes) and `make test-slow` (the slow lanes: multi-process training, golden CORE evaluation, the executable docs).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test torch
+.PHONY: setup demo test test-slow torch
 
 setup: $(VENV)/.installed
 
@@ -31,4 +32,7 @@ demo: setup
 	$(BIN)/parcae generate --max-new-tokens 40 --compare-loops 1,2,4,8,16 "ROMEO:"
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow and not docs"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m "slow or docs"

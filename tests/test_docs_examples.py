@@ -15,6 +15,8 @@ from doc_examples import DocumentRun, Example, collect, environment, missing_sha
 from modeling_parcae.bundled import demo_model_path
 from modeling_parcae.conversion.model_card import REPO_PLACEHOLDER
 
+pytestmark = pytest.mark.docs  # make test-slow (every example starts interpreters: minutes in all)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TIMEOUT = 300
