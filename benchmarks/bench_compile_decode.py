@@ -1,4 +1,4 @@
-"""Eager decode with the dynamic ParcaeCache vs ``torch.compile``d decode with the pre-allocated ParcaeStaticCache.
+"""Eager decode with the dynamic cache vs ``torch.compile``d decode with the pre-allocated static cache.
 
 Per (loops, batch): prefill a 64-token prompt, then time single-token decode steps, the forward ``generate`` runs
 per new token. Eager and compiled steps are interleaved round by round (after the compiled step's warm-up
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
-from modeling_parcae.cache_parcae import ParcaeCache, ParcaeStaticCache
+from transformers import DynamicCache, StaticCache
 
 
 PROMPT = 64
@@ -36,7 +36,7 @@ def small_model() -> ParcaeForCausalLM:
 
 def prefill(model, cache, prompt, loops):
     """Fill ``cache`` with the prompt; return the inputs of the first decode step."""
-    logits = model(prompt, past_key_values=cache, num_loops=loops, use_cache=True).logits
+    logits = model(prompt, cache=cache, num_loops=loops, use_cache=True).logits
     return logits[:, -1:].argmax(-1), prompt.shape[1]
 
 
@@ -48,7 +48,7 @@ def decode_rate(step, model, cache_factory, prompt, loops, steps) -> float:
     start = time.perf_counter()
     for offset in range(steps):
         positions = torch.full((prompt.shape[0], 1), position + offset)
-        logits = step(input_ids=token, position_ids=positions, past_key_values=cache, num_loops=loops,
+        logits = step(input_ids=token, position_ids=positions, cache=cache, num_loops=loops,
                       use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
     return prompt.shape[0] * steps / (time.perf_counter() - start)
@@ -58,9 +58,9 @@ def measure(model, loops: int, batch: int, rounds: int, steps: int) -> dict:
     prompt = torch.randint(3, model.config.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
     max_len = PROMPT + steps
     compiled = torch.compile(model.forward, fullgraph=True)
-    dynamic = lambda: ParcaeCache(model.config, num_loops=loops)  # noqa: E731
+    dynamic = DynamicCache
     # one static cache, reset between runs: the compiled step keeps its tensors' addresses (as generate reuses it)
-    static_cache = ParcaeStaticCache(model.config, max_cache_len=max_len, num_loops=loops)
+    static_cache = StaticCache(config=model.config, max_cache_len=max_len)
     static = lambda: static_cache  # noqa: E731
     start = time.perf_counter()
     decode_rate(compiled, model, static, prompt, loops, 2)  # compiles (and recompiles once for the cache update)

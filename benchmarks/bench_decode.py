@@ -38,11 +38,11 @@ def seconds_per_token(model, prompt, loops: int, steps: int, use_cache: bool) ->
     times = []
     with torch.no_grad():
         if use_cache:
-            cache = model(prompt, num_loops=loops, use_cache=True).past_key_values
+            cache = model(prompt, num_loops=loops, use_cache=True).cache
             token = prompt[:, -1:]
             for _ in range(steps):
                 start = time.perf_counter()
-                model(token, past_key_values=cache, num_loops=loops, use_cache=True, logits_to_keep=1)
+                model(token, cache=cache, num_loops=loops, use_cache=True, logits_to_keep=1)
                 times.append(time.perf_counter() - start)
         else:
             for _ in range(steps):

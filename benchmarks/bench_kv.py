@@ -1,7 +1,7 @@
 """Bounded KV memory (``ParcaeSharedLoopCache``, ``--kv-mode shared``) against the exact per-loop cache at 4, 8 and
 16 loops: cache memory, held-out loss read through the cache, greedy agreement, and CORE on the golden model.
 
-* memory: ``cache.memory_bytes()`` after a 12-token prompt and 32 generated tokens (batch 1);
+* memory: ``cache_memory_bytes(cache)`` after a 12-token prompt and 32 generated tokens (batch 1);
 * held-out loss: each ``heldout.txt`` paragraph (first 64 tokens) is prefilled for 8 tokens and then fed one token
   at a time through the cache, as generation reads it (with the exact cache this equals the uncached loss);
 * greedy agreement: 8 prompts, 32 greedy tokens, fraction equal to the exact cache's;
@@ -36,9 +36,11 @@ def machine() -> str:
 
 
 def make_cache(model, mode: str, loops: int):
-    from modeling_parcae import ParcaeCache, ParcaeSharedLoopCache
+    from transformers import DynamicCache
 
-    return (ParcaeSharedLoopCache if mode == "shared" else ParcaeCache)(model.config, num_loops=loops)
+    from modeling_parcae import ParcaeSharedLoopCache
+
+    return ParcaeSharedLoopCache() if mode == "shared" else DynamicCache()
 
 
 @torch.inference_mode()
@@ -53,9 +55,9 @@ def stepwise_heldout(model, tokenizer, rows: list[list[int]], mode: str, loops: 
     for b in range(0, len(rows), batch_size):
         ids, mask = pad_right(rows[b: b + batch_size], pad_id_of(tokenizer))
         cache = make_cache(model, mode, loops)
-        logits = [model(ids[:, :prefill], num_loops=loops, past_key_values=cache, use_cache=True).logits[:, -1:]]
+        logits = [model(ids[:, :prefill], num_loops=loops, cache=cache, use_cache=True).logits[:, -1:]]
         for t in range(prefill, ids.shape[1] - 1):
-            logits.append(model(ids[:, t: t + 1], num_loops=loops, past_key_values=cache, use_cache=True).logits)
+            logits.append(model(ids[:, t: t + 1], num_loops=loops, cache=cache, use_cache=True).logits)
         totals += next_token_totals(torch.cat(logits, dim=1), ids[:, prefill:], mask[:, prefill:], byte_lengths)
     loss, bpb = loss_and_bpb(totals)
     return {"loss": loss, "bpb": bpb}
@@ -64,9 +66,11 @@ def stepwise_heldout(model, tokenizer, rows: list[list[int]], mode: str, loops: 
 @torch.inference_mode()
 def generate(model, prompts: torch.Tensor, mode: str, loops: int, new_tokens: int = 32):
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts), num_loops=loops,
-                         past_key_values=make_cache(model, mode, loops), max_new_tokens=new_tokens,
+                         cache=make_cache(model, mode, loops), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
-    return out.sequences[:, prompts.shape[1]:], out.past_key_values.memory_bytes()
+    from modeling_parcae.cache_parcae import cache_memory_bytes
+
+    return out.sequences[:, prompts.shape[1]:], cache_memory_bytes(out.cache)
 
 
 def core(model, tokenizer, tasks, mode: str, loops: int) -> float:

@@ -39,7 +39,8 @@ import peak_memory
 from released_models import (
     build_llama, build_official, build_parcae, executed_depth, import_official, set_llama_depth,
 )
-from modeling_parcae import ParcaeCache
+from modeling_parcae import ParcaeSlotMap
+from modeling_parcae.cache_parcae import prepare_cache
 from modeling_parcae.atomic import write_atomically
 
 
@@ -82,14 +83,15 @@ class Ours(Contender):
         return self.model(input_ids, num_loops=loops, use_cache=False).logits
 
     def new_cache(self, batch, loops):
-        cache = ParcaeCache(self.config, num_loops=loops)
+        cache = DynamicCache()
+        prepare_cache(cache, ParcaeSlotMap.for_config(self.config, loops))  # bound to the loop count, as a forward does
         for slot in range(executed_depth(self.config, loops)):
             cache.update(*_random_kv(batch, self.config.num_key_value_heads, self.config.head_dim, self.dtype, slot),
                          slot)
         return cache
 
     def decode_step(self, token, cache, loops):
-        logits = self.model(token, past_key_values=cache, num_loops=loops, use_cache=True, logits_to_keep=1).logits
+        logits = self.model(token, cache=cache, num_loops=loops, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1:].argmax(-1)
 
 
@@ -114,7 +116,7 @@ class UnrolledLlama(Contender):
 
     def decode_step(self, token, cache, loops):
         set_llama_depth(self.model, executed_depth(self.parcae_config, loops))
-        logits = self.model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = self.model(token, cache=cache, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1:].argmax(-1)
 
 
