@@ -58,9 +58,16 @@ def test_the_quantized_cache_reads_its_fp8_keys_values_within_tolerance():
     assert isinstance(generated.cache, QuantizedCache) and generated.sequences.shape == default.sequences.shape
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal (benchmarks/bench_gpu.py runs it on CUDA)")
-def test_an_offloaded_cache_without_cuda_is_refused_with_a_clear_error():
+def test_an_offloaded_cache_decodes_the_default_tokens_on_cuda_and_is_refused_clearly_without():
+    """transformers' offloading moves layers with CUDA streams: on a CUDA machine it must give the default cache's
+    tokens (fp32, same kernels; measured on an H200: results/gpu_cache_checks.json), elsewhere a clear refusal."""
     model = tiny_model()
+    if torch.cuda.is_available():
+        model, ids = model.cuda(), IDS.cuda()
+        for implementation in ("offloaded", "offloaded_static"):
+            assert torch.equal(greedy(model, ids, cache_implementation=implementation, disable_compile=True),
+                               greedy(model, ids))
+        return
     for implementation in ("offloaded", "offloaded_static"):
         with pytest.raises(ValueError, match="no CUDA device"):
             greedy(model, IDS, cache_implementation=implementation)
@@ -153,3 +160,13 @@ def test_generation_past_the_trained_context_keeps_going_and_keeps_its_tokens():
         warnings.simplefilter("ignore")
         out = model.generate(IDS, max_new_tokens=12, do_sample=False, num_loops=2)
     assert out.shape == (1, IDS.shape[1] + 12)  # 21 positions on a 16-position model, none lost
+
+
+def test_generate_under_adaptive_exit_returns_one_hidden_state_per_loop_at_every_step():
+    """The issue's report: generate(exit_threshold=..., output_hidden_states=True) gave 3 states per step."""
+    model, threshold = exit_model_and_threshold()
+    out = model.generate(IDS, max_new_tokens=3, do_sample=False, num_loops=6, exit_threshold=threshold,
+                         output_hidden_states=True, return_dict_in_generate=True)
+    config = model.config
+    expected = 1 + config.num_prelude_layers + 6 + config.num_coda_layers
+    assert len(out.hidden_states) == 3 and all(len(step) == expected for step in out.hidden_states)
