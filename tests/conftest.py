@@ -5,9 +5,17 @@ import os
 import site
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file
+# torch.compile's on-disk kernel cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled under one capability are
+# reloaded under another and fail to build (`at::vec` undeclared). The `numerics` lane (.ci/run) reruns the suite
+# under ATEN_CPU_CAPABILITY=default on the same machine, so each capability gets a cache of its own. Set before torch
+# is imported: inductor fixes its cache folder when it is first imported (transformers imports it).
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+        Path.home() / ".cache" / "parcae-tests" / f"torchinductor-{os.environ['ATEN_CPU_CAPABILITY']}")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
 from modeling_parcae.conversion.key_map import official_config_to_parcae_config, official_to_hf_key
@@ -22,14 +30,6 @@ SHARED = Path(os.environ.get("PARCAE_SHARED", REPO_ROOT.parent / "shared"))
 PARCAE_CASES = ("released_style", "linear_oddcore", "additive_4head")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-# torch.compile's on-disk kernel cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled under one capability are
-# reloaded under another and fail to build (`at::vec` undeclared). The `numerics` lane (.ci/run) reruns the suite
-# under ATEN_CPU_CAPABILITY=default on the same machine, so each capability gets a cache of its own.
-if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
-        Path.home() / ".cache" / "parcae-tests" / f"torchinductor-{torch.backends.cpu.get_cpu_capability()}")
-
 
 def golden_case_dir(case: str) -> Path:
     """Committed fixture for the Parcae cases; the 19 MB GPT case is read from ../shared."""
