@@ -7,9 +7,12 @@ official recipes), flash SDPA where the GPU has it:
 
 * ours eager; ours with every block compiled (``modeling_parcae.compilation.compile_blocks``, as ``parcae train
   --compile``); the same plus the chunked head + loss (``chunked_loss.py``, no float32 logits);
-* the official class (``PARCAE_OFFICIAL_SRC``; skipped with the reason without it), eager and with every block
-  compiled the way its recipe's "selective" backend does (``torch.compile(block, backend="inductor",
-  dynamic=False)`` per block of ``transformer.prelude / core_block / coda``).
+* the official class (``PARCAE_OFFICIAL_SRC``; skipped with the reason without it), eager and compiled as its
+  training recipe runs (``OFFICIAL_RECIPE``, recorded in the JSON; official ``scripts/train.py:94-123`` and
+  ``:396-404`` with the ``recpre/settings.py`` defaults its launch configs keep): the whole model compiled by inductor
+  in mode "default", ``dynamic=False``, under TF32, flash / memory-efficient SDPA only and its inductor, functorch
+  and dynamo globals (``emulate_precision_casts``, ...), set around the official rows only (they run after ours)
+  and restored after them.
 
 Per row: ms/step (median of the timed steps), tokens/s, peak allocated memory, model FLOP/s (FLOPs of one step as
 ``torch.utils.flop_counter`` counts them on ours eager: matmuls and attention, forward and backward as executed) and
@@ -30,12 +33,15 @@ first call and the graphs compiled when ``num_loops`` changes (Llama: when its e
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from functools import reduce
 from pathlib import Path
 
 import torch
@@ -43,6 +49,7 @@ import torch._functorch.config
 import torch._inductor.config
 import torch.nn.functional as F
 import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from released_models import (
@@ -156,13 +163,47 @@ def official_step(model, rows: torch.Tensor, loops: tuple[int, int], autocast) -
     return step
 
 
-def compile_official_blocks(model, backend: str) -> None:
-    """The official recipe's "selective" compile: each block of prelude / core_block / coda on its own."""
-    for name in ("prelude", "core_block", "coda"):
-        blocks = getattr(model.transformer, name, None)
-        if blocks is not None:
-            setattr(model.transformer, name, torch.nn.ModuleList(
-                torch.compile(block, backend=backend, dynamic=False) for block in blocks))
+# The official training recipe as its launch configs run it (``launch_configs/parcae-*.yaml``: ``compile_model:
+# True`` and no other compile key, so the defaults of ``recpre/settings.py:152-163`` hold). ``scripts/train.py``
+# compiles the whole model; not ``recpre/utils.py``'s ``max-autotune-no-cudagraphs`` (``train.py:335`` sets Fabric up
+# with ``compile=False``) nor the opt-in "selective" per-block backend. Its loop (``Parcae.iterate_forward``) is
+# dynamo-disabled non-recursively, so the prelude, the recurrence step (adapter + core blocks: one graph reused by
+# every step, one per grad mode) and coda + loss are graphs of their own.
+# Ours keep ``parcae train``'s defaults (no TF32: its autocast matmuls are bf16 anyway; flash SDPA on these shapes
+# either way). Left out: the DDP wrapper (``train.py:168``), which a one-GPU step does not need.
+OFFICIAL_RECIPE = {
+    "torch.compile(model)": dict(backend="inductor", mode="default", fullgraph=False,  # train.py:396-404
+                                 dynamic=False),
+    "float32_matmul_precision": "high",  # train.py:95 (settings.py:156)
+    "torch.backends": {"cudnn.benchmark": True, "cudnn.allow_tf32": True, "cuda.matmul.allow_tf32": True,
+                       "cuda.matmul.allow_fp16_reduced_precision_reduction": True},  # train.py:96-99
+    "sdpa_backends": ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"],  # train.py:100-106: math and cuDNN SDPA off
+    "torch._dynamo.config": dict(optimize_ddp="ddp_optimizer", compiled_autograd=False,  # train.py:108-109
+                                 cache_size_limit=64, suppress_errors=False),  # train.py:119-120
+    "torch._inductor.config": {"emulate_precision_casts": True, "triton.cudagraphs": False,  # train.py:114-117
+                               "coordinate_descent_tuning": False, "fx_graph_cache": False},
+    "torch._functorch.config": dict(donated_buffer=False),  # train.py:118
+}
+CONFIG_MODULES = ("torch._dynamo.config", "torch._inductor.config", "torch._functorch.config")
+
+
+@contextmanager
+def official_recipe():
+    """The official recipe's process-wide settings, restored on exit so that they never reach our rows. Held over
+    the compile (the first step) and the timed steps alike: inductor reads its config when it compiles, the SDPA
+    and TF32 flags are read when the graph is traced and when it runs."""
+    with ExitStack() as stack:
+        for name in CONFIG_MODULES:
+            stack.enter_context(importlib.import_module(name).patch(OFFICIAL_RECIPE[name]))
+        stack.enter_context(sdpa_kernel([getattr(SDPBackend, name) for name in OFFICIAL_RECIPE["sdpa_backends"]]))
+        stack.callback(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
+        torch.set_float32_matmul_precision(OFFICIAL_RECIPE["float32_matmul_precision"])
+        for path, value in OFFICIAL_RECIPE["torch.backends"].items():
+            *owner, name = path.split(".")
+            owner = reduce(getattr, owner, torch.backends)
+            stack.callback(setattr, owner, name, getattr(owner, name))
+            setattr(owner, name, value)
+        yield
 
 
 def training_row(step: Callable[[], None], steps: int, tokens: int, flops: float, peak_flops: float,
@@ -209,15 +250,20 @@ def bench_training(settings: dict, device: torch.device, peak_flops: float, offi
     compile_blocks(ours, backend=settings["backend"], dynamic=False)
     run("ours compiled", ours_step(ours, rows, loops, False, autocast))
     run("ours compiled, chunked loss", ours_step(ours, rows, loops, True, autocast))
+    recipe = None
     if official_class is not None:
         official = build_official(official_class, ours).to(device).train()
-        run("official eager", official_step(official, rows, loops, autocast))
-        compile_official_blocks(official, settings["backend"])
-        run("official compiled", official_step(official, rows, loops, autocast))
-        del official
+        # as recorded: the recipe but for the backend (the smoke run's aot_eager)
+        recipe = OFFICIAL_RECIPE | {"torch.compile(model)": OFFICIAL_RECIPE["torch.compile(model)"] | dict(
+            backend=settings["backend"])}
+        with official_recipe():
+            run("official eager", official_step(official, rows, loops, autocast))
+            compiled = torch.compile(official, **recipe["torch.compile(model)"])
+            run("official compiled", official_step(compiled, rows, loops, autocast))
+        del official, compiled
     del ours
     torch._dynamo.reset()
-    result = dict(model_flops_per_step=flops, rows=rows_out)
+    result = dict(model_flops_per_step=flops, rows=rows_out, official_recipe=recipe)
     if "ms_per_step" in rows_out.get("official compiled", {}):
         for name in ("ours compiled", "ours compiled, chunked loss"):
             if "ms_per_step" not in rows_out[name]:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO_ROOT
 
 
@@ -30,3 +32,22 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert prefill["llama compiled (whole model)"]["graphs_compiled_at_other_loops"] > 0  # a new unrolled depth
     decode = report["inference"]["decode"]["ours compiled (regional)"]
     assert decode["graphs_timed_run"] == decode["graphs_at_other_loops"] == 0
+
+
+def test_official_recipe_settings_stay_in_the_official_rows(monkeypatch):
+    """The official rows run under its training recipe's process-wide settings (TF32, SDPA backends, inductor and
+    dynamo config); our rows, measured before them and in the inference section after, must not inherit them."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import bench_gpu
+
+    def settings():
+        return (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.math_sdp_enabled(),
+                torch._inductor.config.emulate_precision_casts, torch._functorch.config.donated_buffer,
+                torch._dynamo.config.cache_size_limit)
+
+    before = settings()
+    with bench_gpu.official_recipe():
+        inside = settings()
+    assert inside == ("high", True, True, False, True, False, 64)
+    assert settings() == before != inside
