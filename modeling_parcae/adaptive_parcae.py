@@ -23,12 +23,6 @@ from __future__ import annotations
 import torch
 
 
-def validate_exit_threshold(exit_threshold: float) -> float:
-    if isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float)) or exit_threshold < 0:
-        raise ValueError(f"exit_threshold must be a number >= 0 (0 never exits early), got {exit_threshold!r}")
-    return float(exit_threshold)
-
-
 class _Packing:
     """The active tokens of one loop, left-packed per batch row: ``rows`` (batch row of each packed row) and
     ``tokens`` (rows, width) token indices, -1 for packing slack."""

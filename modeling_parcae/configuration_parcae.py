@@ -16,8 +16,6 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
 
-
-
 def _alternate_ending_on_last(index: int, count: int) -> bool:
     """The official value-embedding rule ``has_ve``: every other layer, always including the last one."""
     return index % 2 == (count - 1) % 2
@@ -163,7 +161,7 @@ class ParcaeConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Reject configurations the model cannot build, naming the offending field."""
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                        "num_key_value_heads", "max_position_embeddings", "mean_recurrence")
+                        "num_key_value_heads", "num_prelude_layers", "max_position_embeddings", "mean_recurrence")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
@@ -175,8 +173,6 @@ class ParcaeConfig(PreTrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim = hidden_size / num_attention_heads = {self.head_dim} must be even for RoPE")
-        if self.num_prelude_layers < 1:
-            raise ValueError(f"num_prelude_layers must be >= 1, got {self.num_prelude_layers}")
         if self.value_embedding_gate_channels > self.hidden_size:
             raise ValueError(
                 f"value_embedding_gate_channels ({self.value_embedding_gate_channels}) exceeds hidden_size "
@@ -194,26 +190,14 @@ class ParcaeConfig(PreTrainedConfig):
             return
         _check_positive(self, "num_core_layers", "state_size", "core_intermediate_size", "core_num_attention_heads",
                         "mean_backprop_depth")
-        if self.state_size % self.core_num_attention_heads:
-            raise ValueError(
-                f"state_size ({self.state_size}) must be divisible by core_num_attention_heads "
-                f"({self.core_num_attention_heads})"
-            )
-        if self.state_size // self.core_num_attention_heads != self.head_dim:
-            raise ValueError(
-                "core blocks share the RoPE table of the main blocks: state_size / core_num_attention_heads "
-                f"({self.state_size // self.core_num_attention_heads}) must equal head_dim ({self.head_dim})"
-            )
-        if self.injection_type == "add" and self.state_size != self.hidden_size:
-            raise ValueError(
-                f"injection_type='add' needs state_size == hidden_size, got {self.state_size} and {self.hidden_size}"
-            )
-        if self.state_size != self.hidden_size:
-            # Core blocks own value-embedding gates of width hidden_size-derived kv heads; the official code only
-            # ever trains state_size == hidden_size, so other widths are rejected rather than guessed.
-            raise ValueError(
-                f"state_size ({self.state_size}) different from hidden_size ({self.hidden_size}) is not supported"
-            )
+        if self.state_size != self.hidden_size:  # the official code only ever trains this (value-embedding gates,
+            # the shared RoPE table and the additive injection assume it): other widths are refused, not guessed
+            raise ValueError(f"state_size ({self.state_size}) different from hidden_size ({self.hidden_size}) is not "
+                             "supported")
+        if self.core_num_attention_heads != self.num_attention_heads:
+            raise ValueError(f"core blocks share the RoPE table (head_dim) of the main blocks: core_num_attention_heads "
+                             f"({self.core_num_attention_heads}) must equal num_attention_heads "
+                             f"({self.num_attention_heads})")
 
     # ----------------------------------------------------------------------------------------------------------
     # derived quantities

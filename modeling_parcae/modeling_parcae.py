@@ -27,11 +27,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .adaptive_parcae import ExitPolicy, validate_exit_threshold
+from .adaptive_parcae import ExitPolicy
 from .cache_parcae import ParcaeSlotMap, prepare_cache
 from .chunked_loss import chunked_linear_cross_entropy
 from .configuration_parcae import BlockSpec, ParcaeConfig, validate_num_loops
@@ -100,6 +101,14 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return rotated.flatten(-2).to(x.dtype)
 
 
+def with_init(module: nn.Module, method: str) -> nn.Module:
+    """Tag a stock ``nn.Linear``/``nn.Embedding`` with the official init it gets where that is not the orthogonal
+    default (``zero``, ``normal``, ``torch-default``, ``trunc-normal``; see ``_init_weights``): transformers initialises
+    leaf by leaf, so the leaf carries its rule."""
+    module.parcae_init = method
+    return module
+
+
 class ParcaeRMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight, as the official ``RMSNorm`` does."""
 
@@ -118,44 +127,12 @@ class ParcaeRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention (softmax in float32), the fallback of transformers' attention interface.
-
-    Each transformers model file carries its own eager path so that its numerics never depend on another model's.
-    """
-    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
-    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-def half_relu_squared_(x: torch.Tensor) -> torch.Tensor:
-    """``0.5 * relu(x)^2``, the official ReLU2: the same ops in the same order, overwriting ``x`` (one new buffer
-    instead of three). For tensors autograd does not track."""
-    return F.relu_(x).square().mul_(0.5)
-
-
 class HalfReLUSquared(torch.autograd.Function):
-    """``0.5 * relu(x)^2`` with a one-pass backward, ``grad * relu(x)``.
+    """The official ReLU2 ``0.5 * relu(x)^2`` (the same ops in the same order) with a one-pass backward ``grad * relu(x)``.
 
-    Autograd's own chain (relu, square, scale) sweeps four intermediate-width buffers in the backward (scale, power,
-    product, threshold) where the derivative is one product; no torch or transformers op fuses this activation in
-    eager mode, hence this function. The forward is ``half_relu_squared_``'s, bit for bit; the gradient is too
-    (``(g * 0.5) * (2 * h) == g * h`` exactly, both factors being powers of two), save for subnormal values.
+    Autograd's own chain (relu, square, scale) sweeps four intermediate-width buffers in the backward where the
+    derivative is one product; no torch or transformers op fuses this activation in eager mode, hence this function.
+    The gradient equals autograd's bit for bit (``(g * 0.5) * (2 * h) == g * h``: powers of two), save for subnormals.
     """
 
     @staticmethod
@@ -176,13 +153,10 @@ class ParcaeMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
         super().__init__()
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = with_init(nn.Linear(intermediate_size, hidden_size, bias=bias), "zero")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.up_proj(x)
-        if hidden.requires_grad:
-            return self.down_proj(HalfReLUSquared.apply(hidden))
-        return self.down_proj(half_relu_squared_(hidden))
+        return self.down_proj(HalfReLUSquared.apply(self.up_proj(x)))
 
 
 class ParcaeAttention(nn.Module):
@@ -199,11 +173,11 @@ class ParcaeAttention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=config.bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias)
+        self.o_proj = with_init(nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias), "zero")
         gate_channels = config.value_embedding_gate_channels
         self.ve_gate = None
         if has_ve_gate:
-            self.ve_gate = nn.Linear(gate_channels, num_kv_heads, bias=False)
+            self.ve_gate = with_init(nn.Linear(gate_channels, num_kv_heads, bias=False), "torch-default")
 
     def forward(
         self,
@@ -350,7 +324,8 @@ class ParcaeLinearInjection(nn.Module):
 
     def __init__(self, config: ParcaeConfig):
         super().__init__()
-        self.proj = nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias)
+        self.proj = with_init(nn.Linear(config.state_size + config.hidden_size, config.state_size, bias=config.bias),
+                              "trunc-normal")
 
     def precompute(self, embeds: torch.Tensor) -> None:
         """Nothing here is loop-invariant."""
@@ -392,76 +367,47 @@ class CoreStep(NamedTuple):
 
 @dataclass
 class LoopSchedule:
-    """A depth policy of the loop: how many core iterations run without / with gradient, per sample (or token).
+    """A depth policy of the loop: the core iterations each sample (or token) runs without, then with, gradient.
 
-    ``no_grad_depth``/``grad_depth`` are per-sample (or per-token) counts; every sample runs ``max`` iterations of each
-    phase and is frozen (``torch.where``) once its own count is exhausted, as the official per-sequence sampler does.
-    (The other policy, per-token adaptive exit, is ``adaptive_parcae.ExitPolicy``; both answer ``begin``/``end``.)
+    Every sample runs the most loops of each phase and is frozen (``torch.where``) once its own count is exhausted, as
+    the official per-sequence sampler does. (The other policy, per-token adaptive exit, is ``adaptive_parcae.ExitPolicy``;
+    both answer ``with_grad``/``begin``/``end``.)
     """
 
     no_grad_depth: torch.Tensor
     grad_depth: torch.Tensor
-    # the two counts as Python ints when every sample runs the same loops: the loop then needs no host sync, so a
-    # compiled decode step traces it without a graph break
-    fixed_counts: tuple[int, int] | None = None
+    # per loop: (with gradient, the samples that compute it or None for all), decided once in Python, so that a fixed
+    # depth reads no tensor: a compiled decode step then traces the loop without a graph break
+    steps: list[tuple[bool, torch.Tensor | None]] | None = None
+
+    def __post_init__(self):
+        if self.steps is None:
+            self.steps = [(with_grad, None if bool(active.all()) else active)
+                          for depth, with_grad in ((self.no_grad_depth, False), (self.grad_depth, True))
+                          for active in (depth > step for step in range(int(depth.max())))]
+        self.num_loops = len(self.steps)
+        self.loops_run = self.no_grad_depth + self.grad_depth
+        self.is_uniform = all(active is None for _, active in self.steps)
 
     @classmethod
     def fixed(cls, no_grad: int, with_grad: int) -> "LoopSchedule":
-        return cls(torch.tensor([no_grad]), torch.tensor([with_grad]), (no_grad, with_grad))
-
-    @property
-    def num_loops(self) -> int:
-        """The most loops any sample runs."""
-        return sum(self.fixed_counts) if self.fixed_counts else int(self.loops_run.max())
-
-    @property
-    def loops_run(self) -> torch.Tensor:
-        return self.no_grad_depth + self.grad_depth
-
-    @property
-    def is_uniform(self) -> bool:
-        total = self.loops_run
-        return self.fixed_counts is not None or total.numel() == 1 or bool((total == total.flatten()[0]).all())
-
-    def __post_init__(self):
-        # sampled depths: ``(with_grad, active)`` per iteration, ``active`` None when every sample runs it (fixed
-        # counts need no list: a compiled step must not read tensors to decide)
-        self._sampled_steps = []
-        if self.fixed_counts is None:
-            for phase_depth, with_grad in ((self.no_grad_depth, False), (self.grad_depth, True)):
-                for step in range(int(phase_depth.max())):
-                    active = phase_depth > step
-                    self._sampled_steps.append((with_grad, None if bool(active.all()) else active))
+        steps = [(False, None)] * no_grad + [(True, None)] * with_grad
+        return cls(torch.tensor([no_grad]), torch.tensor([with_grad]), steps)
 
     def with_grad(self, loop: int) -> bool:
-        return loop >= self.fixed_counts[0] if self.fixed_counts is not None else self._sampled_steps[loop][0]
+        return self.steps[loop][0]
 
     def begin(self, loop: int, step: CoreStep, slots: list[int]) -> CoreStep:
         """Every sample computes every loop (frozen ones are reset in :meth:`end`)."""
         return step
 
     def end(self, loop: int, state: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
-        active = None if self.fixed_counts is not None else self._sampled_steps[loop][1]
+        active = self.steps[loop][1]
         if active is None:
             return new_state
         # frozen samples keep their state; per-sequence masks broadcast over (T, S), per-token over S
         mask = active.to(state.device).view(*active.shape, *([1] * (state.dim() - active.dim())))
         return torch.where(mask, new_state, state)
-
-
-def resolve_loop_count(num_loops: LoopCount, name: str = "num_loops") -> tuple[int, int]:
-    """Normalise an int or a ``(no_grad, with_grad)`` pair to a pair, rejecting anything else with a clear error."""
-    if isinstance(num_loops, torch.Tensor):
-        num_loops = num_loops.tolist()
-    if isinstance(num_loops, (tuple, list)):
-        if len(num_loops) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in num_loops):
-            raise ValueError(f"{name} as a sequence must be a (no_grad, with_grad) pair of integers, got {num_loops!r}")
-        no_grad, with_grad = num_loops
-        if no_grad < 0 or with_grad < 0 or no_grad + with_grad < 1:
-            raise ValueError(f"{name}={num_loops!r}: both counts must be >= 0 and their sum >= 1")
-        return no_grad, with_grad
-    validate_num_loops(num_loops, name)
-    return 0, num_loops
 
 
 def sample_loop_schedule(config: ParcaeConfig, batch_size: int, seq_len: int, step: int) -> LoopSchedule:
@@ -575,15 +521,15 @@ class ParcaePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """The official "scaled-zero" initialisation with orthogonal matrices (paper §3; official ``init_weights``).
 
-        Linear and embedding weights default to orthogonal with std sqrt(2/(5d)); :func:`_init_method_by_name` picks
-        the exceptions (output projections zero, value embeddings N(0, 1), value-embedding gates PyTorch's Linear
-        default, the linear injection a truncated normal). Norms start at one and the diagonal injection at decay
-        sqrt(1/5) with B = identity (orthogonal if not square).
+        Linear and embedding weights default to orthogonal with std sqrt(2/(5d)); :func:`with_init` tags the
+        exceptions (output projections zero, value embeddings N(0, 1), value-embedding gates PyTorch's Linear
+        default, the linear injection a truncated normal). The diagonal injection starts at decay sqrt(1/5) with
+        B = identity (orthogonal if not square).
         """
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             weight = module.weight
-            method = _init_method_by_name(self._module_name(module))
+            method = getattr(module, "parcae_init", "orthogonal")
             if method == "zero":
                 init.zeros_(weight)
             elif method == "normal":
@@ -604,12 +550,8 @@ class ParcaePreTrainedModel(PreTrainedModel):
                 init.eye_(module.B)
             else:
                 init.orthogonal_(module.B)
-        elif isinstance(module, ParcaeRMSNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, ParcaeRotaryEmbedding):
-            inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
-            init.copy_(module.inv_freq, inv_freq)
-            init.copy_(module.original_inv_freq, inv_freq)
+        else:  # norms at one, RoPE tables recomputed: transformers' own rules
+            super()._init_weights(module)
 
     def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
         """Resize the token embedding (and the tied head) as transformers does, and every value-embedding table with
@@ -618,29 +560,8 @@ class ParcaePreTrainedModel(PreTrainedModel):
         tables = self.base_model.value_embeddings
         for key, table in tables.items():
             resized = self._get_resized_embeddings(table, embeddings.weight.shape[0], mean_resizing=mean_resizing)
-            tables[key] = resized.requires_grad_(table.weight.requires_grad)
+            tables[key] = with_init(resized.requires_grad_(table.weight.requires_grad), "normal")
         return embeddings
-
-    def _module_name(self, module: nn.Module) -> str:
-        """Qualified name of a submodule ("" if it is not one); a walk of a few hundred modules, once per leaf."""
-        return next((name for name, submodule in self.named_modules() if submodule is module), "")
-
-
-# Which official init a stock ``nn.Linear``/``nn.Embedding`` gets, decided by its name: transformers initialises
-# custom-code models leaf by leaf (a parent without parameters of its own is skipped), so the leaf's name is the one
-# place the rule can be read from. First match wins; anything else is orthogonal.
-_INIT_BY_NAME_SUFFIX = (
-    ("self_attn.o_proj", "zero"),
-    ("mlp.down_proj", "zero"),
-    ("self_attn.ve_gate", "torch-default"),
-    ("injection.proj", "trunc-normal"),
-)
-
-
-def _init_method_by_name(name: str) -> str:
-    if ".value_embeddings." in f".{name}":
-        return "normal"
-    return next((method for suffix, method in _INIT_BY_NAME_SUFFIX if name.endswith(suffix)), "orthogonal")
 
 
 class ParcaeModel(ParcaePreTrainedModel):
@@ -662,12 +583,8 @@ class ParcaeModel(ParcaePreTrainedModel):
         self.coda = self._build_stage("coda", config.num_coda_layers)
         self.norm = ParcaeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         kv_dim = config.num_key_value_heads * config.head_dim
-        self.value_embeddings = nn.ModuleDict(
-            {
-                str(index): nn.Embedding(config.vocab_size, kv_dim)
-                for index in config.value_embedding_table_indices()
-            }
-        )
+        self.value_embeddings = nn.ModuleDict({str(index): with_init(nn.Embedding(config.vocab_size, kv_dim), "normal")
+                                               for index in config.value_embedding_table_indices()})
         self.rotary_emb = ParcaeRotaryEmbedding(config)
         # Training-time depth sampler position; advanced after every sampled forward, saved/restored by training code.
         self.depth_sampling_step = 0
@@ -872,53 +789,55 @@ class ParcaeModel(ParcaePreTrainedModel):
             if output_depths is not None or exit_threshold is not None:
                 raise ValueError("output_depths and exit_threshold need a looped model; this one has a fixed depth")
             return LoopSchedule.fixed(0, 1), None
+        if self.training and (output_depths is not None or exit_threshold is not None):
+            raise ValueError("output_depths and exit_threshold are for evaluation (training samples its depths); call "
+                             "model.eval() first")
         if output_depths is not None:
-            output_depths = self._check_output_depths(output_depths, num_loops)
-            num_loops = max(output_depths)
+            depths = tuple(output_depths) if isinstance(output_depths, (tuple, list)) else ()
+            if not depths or len(set(depths)) != len(depths) or any(
+                    isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
+                raise ValueError(f"output_depths must be a non-empty sequence of distinct positive ints, got "
+                                 f"{output_depths!r}")
+            if num_loops is not None and num_loops != max(depths):
+                raise ValueError(f"num_loops={num_loops!r} contradicts output_depths={depths}: the pass runs "
+                                 f"max(output_depths)={max(depths)} loops; leave num_loops out")
+            if exit_threshold is not None:
+                raise ValueError("exit_threshold and output_depths cannot be combined: a depth sweep runs every token "
+                                 "to each depth")
+            output_depths, num_loops = depths, max(depths)
         schedule = self._loop_schedule(num_loops, batch_size, seq_len)
         if cache is not None and not schedule.is_uniform:
             raise ValueError("a KV cache needs one loop count for the whole batch; pass an int num_loops")
         if exit_threshold is None:
             return schedule, output_depths
-        if self.training:
-            raise ValueError("exit_threshold is for evaluation and generation; call model.eval() first")
-        if output_depths is not None:
-            raise ValueError("exit_threshold and output_depths cannot be combined: a depth sweep runs every token to "
-                             "each depth")
+        if isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float)) or exit_threshold < 0:
+            raise ValueError(f"exit_threshold must be a number >= 0 (0 never exits early), got {exit_threshold!r}")
         if cache is not None and cache.is_compileable:
             raise ValueError("exit_threshold packs the tokens that still loop, which a static (pre-allocated) cache "
                              "cannot serve: use the default dynamic cache")
-        return ExitPolicy(schedule.num_loops, validate_exit_threshold(exit_threshold), attention_mask, past_length), None
+        return ExitPolicy(schedule.num_loops, float(exit_threshold), attention_mask, past_length), None
 
     def _loop_schedule(self, num_loops: LoopCount | None, batch_size: int, seq_len: int) -> LoopSchedule:
+        """``num_loops`` (default: the config's, or a sampled depth in training) as a schedule. An int in training
+        back-propagates through its last ``mean_backprop_depth`` loops; a ``(no_grad, with_grad)`` pair as given."""
         config = self.config
-        if num_loops is None and self.training:
-            if config.train_num_loops is None:
-                schedule = sample_loop_schedule(config, batch_size, seq_len, self.depth_sampling_step)
-                self.depth_sampling_step += 1
-                return schedule
-            num_loops = config.train_num_loops
+        if num_loops is None and self.training and config.train_num_loops is None:
+            schedule = sample_loop_schedule(config, batch_size, seq_len, self.depth_sampling_step)
+            self.depth_sampling_step += 1
+            return schedule
         if num_loops is None:
-            num_loops = config.num_loops
-        is_pair = isinstance(num_loops, (tuple, list)) or (isinstance(num_loops, torch.Tensor) and num_loops.numel() > 1)
-        no_grad, with_grad = resolve_loop_count(num_loops)
-        if self.training and not is_pair:
-            total = no_grad + with_grad
-            with_grad = min(total, config.mean_backprop_depth)
-            no_grad = total - with_grad
-        return LoopSchedule.fixed(no_grad, with_grad)
-
-    def _check_output_depths(self, output_depths: Sequence[int], num_loops: LoopCount | None) -> tuple[int, ...]:
-        depths = tuple(output_depths) if isinstance(output_depths, (tuple, list)) else None
-        if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths) or len(
-                set(depths)) != len(depths):
-            raise ValueError(f"output_depths must be a non-empty sequence of distinct positive ints, got {output_depths!r}")
-        if self.training:
-            raise ValueError("output_depths is for evaluation (training samples its depths); call model.eval() first")
-        if num_loops is not None and num_loops != max(depths):
-            raise ValueError(f"num_loops={num_loops!r} contradicts output_depths={depths}: the pass runs "
-                             f"max(output_depths)={max(depths)} loops; leave num_loops out")
-        return depths
+            num_loops = config.train_num_loops if self.training else config.num_loops
+        if isinstance(num_loops, torch.Tensor):
+            num_loops = num_loops.tolist()
+        if isinstance(num_loops, (tuple, list)):
+            if len(num_loops) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in num_loops) \
+                    or sum(num_loops) < 1:
+                raise ValueError(f"num_loops as a sequence must be a (no_grad, with_grad) pair of integers >= 0 with "
+                                 f"a positive sum, got {num_loops!r}")
+            return LoopSchedule.fixed(*num_loops)
+        validate_num_loops(num_loops)
+        with_grad = min(num_loops, config.mean_backprop_depth) if self.training else num_loops
+        return LoopSchedule.fixed(num_loops - with_grad, with_grad)
 
     def _position_ids(self, position_ids, attention_mask, past_length, batch_size, seq_len, device) -> torch.Tensor:
         """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone.

@@ -76,8 +76,9 @@ def _attention_reaching_the_output():
     """Initialise the output projections like every other matrix (the official init zeroes them)."""
     import modeling_parcae.modeling_parcae as modeling
 
-    rules = tuple(rule for rule in modeling._INIT_BY_NAME_SUFFIX if rule[1] != "zero")
-    return mock.patch.object(modeling, "_INIT_BY_NAME_SUFFIX", rules)
+    tag = modeling.with_init
+    return mock.patch.object(modeling, "with_init",
+                             lambda module, method: tag(module, "orthogonal" if method == "zero" else method))
 
 
 class ParcaeModelTest(ModelTesterMixin, unittest.TestCase):
