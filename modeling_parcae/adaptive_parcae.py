@@ -1,19 +1,7 @@
-"""Per-token adaptive depth: a token stops looping once its recurrent state has converged, and its compute stops too.
-
-Rule: after each loop ``r`` the relative change of a token's state ``||h_r - h_{r-1}|| / ||h_r||`` (float32, over the
-state channels) is compared with ``exit_threshold``; below it, the token exits and keeps ``h_r`` as its final state.
-Every token runs at least one loop and at most ``num_loops``; a threshold of 0 never exits (the change is never < 0).
-
-:class:`ExitPolicy` is a depth policy of ``ParcaeModel``'s one loop (the other is ``LoopSchedule``). Compute is saved,
-not masked: in a loop where some tokens have exited, the rows that still have active tokens are gathered, their active
-tokens packed to the left, and only those run the core blocks (projections, MLP, attention queries); the new states
-are scattered back. A loop where every token is active runs the ordinary batched path, so a threshold that never
-fires gives exactly the fixed-depth result.
-
-What later tokens attend to for loops a token skipped: the keys/values of its last computed loop. Each core block
-keeps the newest keys/values of every token of the forward; exited tokens' entries stay as they were, and that
-buffer is what loop ``r`` writes into its cache slot, so every slot of every token is filled, and a cached decode
-reads exactly what an uncached forward over the whole sequence attends to (cached == uncached under the rule).
+"""Per-token adaptive depth (``exit_threshold``): a token stops looping once its state has converged, and its compute
+stops too. :class:`ExitPolicy` is a depth policy of ``ParcaeModel``'s one loop (the other is ``LoopSchedule``): it
+packs the tokens still active, and keeps each core block's newest keys/values of every token so that later tokens
+(and the cache) read an exited token's last computed loop. The rule and its guarantees: docs/generation.md.
 
 This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
 """
@@ -32,8 +20,7 @@ class _Packing:
         counts = active[self.rows].sum(-1)
         width = int(counts.max())
         order = torch.sort((~active[self.rows]).long(), dim=-1, stable=True).indices[:, :width]
-        device = active.device
-        self.tokens = torch.where(torch.arange(width, device=device)[None] < counts[:, None], order, -1)
+        self.tokens = torch.where(torch.arange(width, device=active.device)[None] < counts[:, None], order, -1)
         self.valid = self.tokens >= 0
         self.valid_rows = self.rows[:, None].expand_as(self.tokens)[self.valid]
         self.valid_tokens = self.tokens[self.valid]

@@ -1,14 +1,9 @@
-"""Where each executed block keeps its keys and values: the slot map of a looped model, over transformers' own caches.
+"""Where each executed block keeps its keys and values, over transformers' own caches (docs/architecture.md).
 
-A looped core runs the same physical blocks ``num_loops`` times; each execution attends to its own keys/values from
-earlier tokens, so a forward needs one cache layer per *executed* block. :class:`ParcaeSlotMap` numbers them in
-execution order — prelude ``i`` -> ``i``, core block ``j`` of loop ``r`` -> ``P + r * R + j``, coda ``i`` ->
-``P + T * R + i`` (then one more coda set per extra depth of ``output_depths``) — and is the only place that does.
-
-Any transformers ``Cache`` works (``DynamicCache``, ``StaticCache``, offloaded and quantized ones, built by ``generate``
-or by the user): :func:`prepare_cache` grows it to the slot count the forward needs (transformers builds one layer per
-*physical* block from the config) and stamps it with the forward's loop layout, so that a cache filled at one depth is
-never read at another. :class:`ParcaeSharedLoopCache` is the one cache of our own: bounded KV memory.
+A looped core runs its blocks ``num_loops`` times, so a forward needs one cache layer per *executed* block:
+:class:`ParcaeSlotMap` numbers them, and is the only place that does; :func:`prepare_cache` grows any transformers
+``Cache`` to that count and stamps it with the loop layout, so that keys/values cached at one depth are never read at
+another. :class:`ParcaeSharedLoopCache` is the one cache of our own: bounded KV memory.
 
 This file is part of the remote code copied next to saved checkpoints: it imports only torch/transformers.
 """
@@ -22,7 +17,8 @@ from transformers.cache_utils import Cache, DynamicCache
 
 @dataclass(frozen=True)
 class ParcaeSlotMap:
-    """The cache slot of every block execution of one forward (its loop layout: loop count and read-out depths)."""
+    """The cache slot of every block execution of one forward, in execution order: prelude ``i`` -> ``i``; core block
+    ``j`` of loop ``r`` -> ``P + r * R + j``; coda ``i`` -> ``P + T * R + i``, then a coda set per extra read-out depth."""
 
     num_prelude_layers: int
     num_core_layers: int
@@ -70,24 +66,22 @@ class ParcaeSlotMap:
 
 
 def prepare_cache(cache: Cache, slot_map: ParcaeSlotMap) -> None:
-    """Bind ``cache`` to the forward's loop layout: stamp a fresh cache with it and grow it to one layer per slot; a
-    filled cache must carry the same layout (its keys/values belong to that depth)."""
+    """Bind ``cache`` to the forward's slot map: stamp a fresh cache with it and grow it to one layer per slot; a
+    filled cache must carry the same map (its keys/values belong to that depth)."""
     if getattr(cache, "offloading", False) and not torch.cuda.is_available():
         raise ValueError("an offloaded cache (cache_implementation='offloaded' or 'offloaded_static') moves layers "
                          "between a CUDA device and the CPU with CUDA streams, and this machine has no CUDA device: "
                          "use the default cache here")
-    layout = (slot_map.num_loops, slot_map.output_depths)
-    stamped = getattr(cache, "parcae_layout", None)
+    stamped = getattr(cache, "parcae_slot_map", None)
     if stamped is not None:
-        if stamped != layout:
+        if stamped != slot_map:
             raise ValueError(
-                f"this cache holds keys/values of num_loops={stamped[0]}, output_depths={stamped[1]}, but the forward "
-                f"runs num_loops={layout[0]}, output_depths={layout[1]}: cached keys/values belong to a loop depth, so "
-                "start a new cache (or pass the same num_loops)")
+                f"this cache holds keys/values of num_loops={stamped.num_loops}, output_depths={stamped.output_depths}, "
+                f"but the forward runs num_loops={slot_map.num_loops}, output_depths={slot_map.output_depths}: cached "
+                "keys/values belong to a loop depth, so start a new cache (or pass the same num_loops)")
         return
     if cache.get_seq_length() > 0:
         raise ValueError("this cache was filled by another model or outside a Parcae forward; start a new cache")
-    cache.parcae_layout = layout
     cache.parcae_slot_map = slot_map
     wanted = (slot_map.shared(slot_map.num_slots - 1)[0] + 1 if isinstance(cache, ParcaeSharedLoopCache)
               else slot_map.num_slots)

@@ -64,9 +64,8 @@ class ParcaeConfig(PreTrainedConfig):
     """
 
     model_type = "parcae"
-    # output fields Trainer's evaluation leaves out of the predictions (which are then the logits alone, as for Llama):
-    # the cache under its transformers 5.23 and 5.24 names, and the loop counts each sequence ran
-    keys_to_ignore_at_inference = ["past_key_values", "cache", "num_loops"]
+    # output fields Trainer's evaluation leaves out of the predictions (which are then the logits alone, as for Llama)
+    keys_to_ignore_at_inference = ["cache", "num_loops"]
     # Tensor parallelism shards the MLPs of every stage (transformers matches ``<stage>.<digit>.`` as ``<stage>.*.``).
     # Attention stays replicated: value embeddings are added to ``v`` per kv head, and transformers' embedding styles
     # gather an embedding's output to every rank, so a head-sharded ``v_proj`` would meet a full-width value

@@ -46,10 +46,8 @@ LoopCount = int | tuple[int, int] | list[int] | torch.Tensor
 class ParcaeRotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE, computed in float32 exactly like the official ``freqs_cis`` buffer.
 
-    ``rope_parameters["rope_type"]`` other than ``default`` (``linear``, ``dynamic``, ``yarn``, ``llama3``, ...) takes
-    its inverse frequencies and attention scaling from transformers' ``ROPE_INIT_FUNCTIONS`` (and ``dynamic`` /
-    ``longrope`` their runtime update from ``dynamic_rope_update``), as Llama does. The frequencies are per rotated
-    pair, so they apply unchanged to Parcae's interleaved pairs (2i, 2i+1).
+    Other ``rope_type``s (``linear``, ``dynamic``, ``yarn``, ...) come from transformers' ``ROPE_INIT_FUNCTIONS`` and
+    ``dynamic_rope_update``, as for Llama: frequencies are per rotated pair, so they apply to interleaved pairs too.
     """
 
     inv_freq: torch.Tensor
@@ -87,10 +85,9 @@ class ParcaeRotaryEmbedding(nn.Module):
 def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (2i, 2i+1) of the last dim (the GPT-J / "complex" layout of the official code).
 
-    ``x`` is (B, heads, T, D); ``cos``/``sin`` are (B, T, D/2) float32. Computed in float32, cast back.
-    One complex multiply per pair, ``(re, im) * (cos, sin)``: the same products and sums as the official
-    ``apply_rotary_emb_complex_like`` (bit-identical outputs), without its stack of four temporaries: about 20x
-    cheaper on CPU at the 140M prefill shape (2 x 6 heads x 512 tokens x 128), 5-10% of a block.
+    ``x`` is (B, heads, T, D), ``cos``/``sin`` (B, T, D/2); computed in float32, cast back. One complex multiply per
+    pair: the official ``apply_rotary_emb_complex_like``'s products and sums (bit-identical) without its four
+    temporaries, about 20x cheaper on CPU at the 140M prefill shape (5-10% of a block).
     """
     if torch.compiler.is_compiling():  # inductor has no complex kernels: the same products in real arithmetic
         pairs = x.float().unflatten(-1, (-1, 2))
@@ -128,12 +125,9 @@ class ParcaeRMSNorm(nn.Module):
 
 
 class HalfReLUSquared(torch.autograd.Function):
-    """The official ReLU2 ``0.5 * relu(x)^2`` (the same ops in the same order) with a one-pass backward ``grad * relu(x)``.
-
-    Autograd's own chain (relu, square, scale) sweeps four intermediate-width buffers in the backward where the
-    derivative is one product; no torch or transformers op fuses this activation in eager mode, hence this function.
-    The gradient equals autograd's bit for bit (``(g * 0.5) * (2 * h) == g * h``: powers of two), save for subnormals.
-    """
+    """The official ReLU2 ``0.5 * relu(x)^2`` (same ops, same order) with a one-pass backward ``grad * relu(x)``, equal
+    to autograd's bit for bit (powers of two; subnormals aside). Autograd's own chain sweeps four intermediate-width
+    buffers in the backward, and no torch or transformers op fuses this activation in eager mode."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -174,10 +168,10 @@ class ParcaeAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=config.bias)
         self.o_proj = with_init(nn.Linear(num_heads * self.head_dim, hidden_size, bias=config.bias), "zero")
-        gate_channels = config.value_embedding_gate_channels
         self.ve_gate = None
         if has_ve_gate:
-            self.ve_gate = with_init(nn.Linear(gate_channels, num_kv_heads, bias=False), "torch-default")
+            gate = nn.Linear(config.value_embedding_gate_channels, num_kv_heads, bias=False)
+            self.ve_gate = with_init(gate, "torch-default")
 
     def forward(
         self,
@@ -238,11 +232,8 @@ class ParcaeAttention(nn.Module):
 
 
 class ParcaeDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block ``x + attn(norm(x))``, ``x + mlp(norm(x))``; used for prelude, core and coda alike.
-
-    A block knows what it is from construction (``spec``: stage, index, value-embedding gate and table); where its
-    keys/values go is decided per forward by the slot map, since a core block runs once per loop.
-    """
+    """Pre-norm block ``x + attn(norm(x))``, ``x + mlp(norm(x))`` of every stage. Its identity is fixed at construction
+    (``spec``); its KV slot is the slot map's, per forward, since a core block runs once per loop."""
 
     def __init__(self, config: ParcaeConfig, spec: BlockSpec):
         super().__init__()
@@ -289,10 +280,8 @@ class ParcaeDecoderLayer(GradientCheckpointingLayer):
 
 
 class ParcaeDiagonalInjection(nn.Module):
-    """Parcae's stable injection ``u = h * exp(-dt * A) + dt * (e B^T)`` with ``dt = softplus(dt_bias)``, ``A = exp(A_log)``.
-
-    ``dt > 0`` and ``A > 0`` keep every decay in (0, 1): the spectral radius of the state transition stays below 1.
-    """
+    """Parcae's stable injection ``u = h * exp(-dt * A) + dt * (e B^T)``, ``dt = softplus(dt_bias)``, ``A = exp(A_log)``;
+    ``dt, A > 0`` keep every decay in (0, 1): the spectral radius of the state transition stays below 1."""
 
     def __init__(self, config: ParcaeConfig):
         super().__init__()
@@ -300,18 +289,14 @@ class ParcaeDiagonalInjection(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(config.state_size))
         self.B = nn.Parameter(torch.empty(config.state_size, config.hidden_size))
 
-    def step_size(self) -> torch.Tensor:
-        """Per-channel ``dt = softplus(dt_bias) > 0``."""
-        return F.softplus(self.dt_bias)
-
     def decay(self) -> torch.Tensor:
         """Per-channel state decay ``exp(-dt * A)``, in (0, 1)."""
-        return torch.exp(-self.step_size() * torch.exp(self.A_log))
+        return torch.exp(-F.softplus(self.dt_bias) * torch.exp(self.A_log))
 
     def precompute(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The loop-invariant part ``(decay, dt * (e B^T))``, computed once per forward pass and handed to every loop
         (the official code recomputes it each loop: same values, one d x d matmul per loop saved)."""
-        return self.decay(), self.step_size() * F.linear(embeds, self.B)
+        return self.decay(), F.softplus(self.dt_bias) * F.linear(embeds, self.B)
 
     def forward(self, state: torch.Tensor, embeds: torch.Tensor,
                 precomputed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -367,12 +352,9 @@ class CoreStep(NamedTuple):
 
 @dataclass
 class LoopSchedule:
-    """A depth policy of the loop: the core iterations each sample (or token) runs without, then with, gradient.
-
-    Every sample runs the most loops of each phase and is frozen (``torch.where``) once its own count is exhausted, as
-    the official per-sequence sampler does. (The other policy, per-token adaptive exit, is ``adaptive_parcae.ExitPolicy``;
-    both answer ``with_grad``/``begin``/``end``.)
-    """
+    """A depth policy of the loop (the other is ``adaptive_parcae.ExitPolicy``): the core iterations each sample (or
+    token) runs without, then with, gradient. Every sample runs the most loops of each phase and is frozen
+    (``torch.where``) once its own count is exhausted, as the official per-sequence sampler does."""
 
     no_grad_depth: torch.Tensor
     grad_depth: torch.Tensor
@@ -411,10 +393,8 @@ class LoopSchedule:
 
 
 def sample_loop_schedule(config: ParcaeConfig, batch_size: int, seq_len: int, step: int) -> LoopSchedule:
-    """Sample a training depth per ``config.sampling_scheme`` / ``recurrent_iteration_method`` (official ``parcae_lm`` ``model.py``, ``_sample_loop_depth``).
-
-    Seeded from ``depth_sampling_seed + step`` on a private CPU generator, so a run is reproducible from its step.
-    """
+    """Sample a training depth per ``config.sampling_scheme`` / ``recurrent_iteration_method`` (official
+    ``_sample_loop_depth``), seeded from ``depth_sampling_seed + step``: a run is reproducible from its step."""
     generator = torch.Generator().manual_seed((config.depth_sampling_seed + step) % (2**31 - 1))
     shape = {"per-batch": (1,), "per-sequence": (batch_size,), "per-token": (batch_size, seq_len)}[
         config.recurrent_iteration_method
@@ -452,9 +432,8 @@ def initialize_state(
 
 def check_forward_inputs(config: ParcaeConfig, input_ids, inputs_embeds, attention_mask, initial_state,
                          past_length: int) -> None:
-    """Reject malformed inputs with a ``ValueError`` naming the argument, instead of a torch error deep inside (or,
-    for a mask of the wrong length, silently different logits). Costs one host sync for the token-id range (and one
-    for a floating-point mask); skipped while compiling."""
+    """A ``ValueError`` naming the argument instead of a torch error deep inside (or, for a mask of the wrong length,
+    silently different logits). One host sync for the token-id range (and a float mask's values): not when compiling."""
     named = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
              "initial_state": initial_state}
     for name, value in named.items():
@@ -508,9 +487,9 @@ class ParcaePreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Validate the config before writing anything: transformers copies the remote-code files first and would
-        leave a directory holding only those when the config (edited after loading) is invalid. Remote code names the
-        base model for ``AutoModel`` too (transformers writes only the saved class into ``auto_map``)."""
+        """Validate the config first (transformers copies the remote-code files before it: an invalid edited config
+        would leave only those). Remote code names the base model for ``AutoModel`` too (transformers: only the saved
+        class)."""
         self.config.validate()
         if self._auto_class is not None:
             auto_map = getattr(self.config, "auto_map", None) or {}
@@ -519,13 +498,8 @@ class ParcaePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The official "scaled-zero" initialisation with orthogonal matrices (paper §3; official ``init_weights``).
-
-        Linear and embedding weights default to orthogonal with std sqrt(2/(5d)); :func:`with_init` tags the
-        exceptions (output projections zero, value embeddings N(0, 1), value-embedding gates PyTorch's Linear
-        default, the linear injection a truncated normal). The diagonal injection starts at decay sqrt(1/5) with
-        B = identity (orthogonal if not square).
-        """
+        """The official "scaled-zero" init (paper §3, official ``init_weights``): orthogonal matrices with std
+        sqrt(2/(5d)) but where :func:`with_init` tags another rule; the diagonal injection at decay sqrt(1/5), B = I."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             weight = module.weight
@@ -546,10 +520,7 @@ class ParcaePreTrainedModel(PreTrainedModel):
             init.zeros_(module.A_log)
             initial_dt = -math.log(math.sqrt(1 / 5))
             init.constant_(module.dt_bias, math.log(math.expm1(initial_dt)))  # softplus^-1
-            if module.B.shape[0] == module.B.shape[1]:
-                init.eye_(module.B)
-            else:
-                init.orthogonal_(module.B)
+            init.eye_(module.B)  # square: the config keeps state_size == hidden_size
         else:  # norms at one, RoPE tables recomputed: transformers' own rules
             super()._init_weights(module)
 
@@ -594,12 +565,6 @@ class ParcaeModel(ParcaePreTrainedModel):
     def _build_stage(self, stage: str, count: int) -> nn.ModuleList:
         return nn.ModuleList(ParcaeDecoderLayer(self.config, spec) for spec in self.config.block_specs(stage, count))
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @capture_outputs
     def forward(
@@ -621,52 +586,41 @@ class ParcaeModel(ParcaePreTrainedModel):
     ) -> "ParcaeModelOutputWithPast":
         r"""
         num_loops (`int` or `(no_grad, with_grad)` pair, *optional*):
-            Core iterations. Default: ``config.num_loops`` in eval mode; in training mode ``config.train_num_loops``
-            if set, else a depth sampled per ``config.sampling_scheme``. An int in training mode back-propagates
-            through its last ``min(num_loops, mean_backprop_depth)`` iterations only.
+            Core iterations. Default: ``config.num_loops`` in eval mode; in training ``config.train_num_loops`` if
+            set, else a depth sampled per ``config.sampling_scheme``. An int in training back-propagates through its
+            last ``min(num_loops, mean_backprop_depth)`` iterations only.
         initial_state (`torch.Tensor` of shape `(batch, seq_len, state_size)`, *optional*):
             Explicit initial recurrent state; overrides every initialisation policy.
         state_generator (`torch.Generator`, *optional*):
             Generator for random initial states (``like-init`` etc.), for reproducible official-style sampling.
         output_hidden_states (`bool`, *optional*):
-            Return ``(embeddings, prelude_1..P, loop_1..loop_T, coda_1..coda_C)``: each prelude block's output, the
-            recurrent state after each loop (before ``state_readout``), and each coda block's output (before the
-            final norm). The same on every path: under ``exit_threshold`` a token that has exited repeats its last
-            state in the loops it skips, so there are always ``num_loops`` loop states.
+            ``(embeddings, prelude_1..P, loop_1..loop_T, coda_1..coda_C)``: the recurrent state after each loop (before
+            ``state_readout``) and each coda block's output (before the final norm). Under ``exit_threshold`` a token
+            that has exited repeats its last state, so there are always ``num_loops`` loop states.
         output_attentions (`bool`, *optional*):
-            Return the attention weights of every *executed* block in execution order: prelude blocks, then each
-            loop's core blocks (loop 0 first), then coda blocks (``P + num_loops * C + coda`` maps; eager attention).
-            Under ``exit_threshold`` every map has the full ``(batch, heads, seq_len, keys)`` shape; the rows of
-            tokens that have exited are zero in the loops they skip, and loops after every token has exited execute
-            no block (so ``P + L * C + coda`` maps, ``L`` the most loops any token ran).
+            The attention weights of every *executed* block in execution order (prelude, each loop's core blocks,
+            coda; eager attention). Under ``exit_threshold`` the rows of exited tokens are zero, and loops after every
+            token has exited execute no block.
         inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden_size)`, *optional*):
             Instead of ``input_ids``. Value embeddings are looked up from token ids, so positions given as embeddings
-            carry none (their value embedding is zero); this is what prompt tuning (virtual tokens) needs.
+            carry none; this is what prompt tuning (virtual tokens) needs.
         cache (`Cache`, *optional*):
-            Any transformers KV cache (``DynamicCache``, ``StaticCache``, offloaded, quantized, or
-            ``ParcaeSharedLoopCache`` for bounded memory). It is grown to one layer per executed block and bound to
-            this forward's ``num_loops`` (and ``output_depths``) on first use; a later forward with another loop
-            layout is refused. ``past_key_values=`` is transformers' deprecated name for it.
+            Any transformers KV cache (dynamic, static, offloaded, quantized, or ``ParcaeSharedLoopCache`` for bounded
+            memory), grown to one layer per executed block and bound to this forward's ``num_loops`` (and
+            ``output_depths``): a later forward at another depth is refused. ``past_key_values`` is its deprecated name.
         output_depths (sequence of distinct positive `int`, *optional*):
             Loop counts to read out from one pass (evaluation only): the core runs ``max(output_depths)`` loops and
-            the state after each requested loop count goes through readout, coda and norm, returned in
-            ``depth_hidden_states`` in the given order (``last_hidden_state`` is the deepest). With the zero (or a
-            given) initial state the state after ``t`` loops does not depend on the loops that follow, so each depth
-            equals a separate forward at that ``num_loops``. With a cache, the coda runs once per depth and the cache
-            holds one coda slot set per depth, so a cached continuation is exact at every depth; such a cache serves
-            only forwards with the same ``output_depths`` (``generate`` decodes at the deepest).
+            each requested depth's state goes through readout, coda and norm into ``depth_hidden_states`` (given
+            order; ``last_hidden_state`` is the deepest). Each equals a separate forward at that ``num_loops``, cached
+            continuations included (the cache holds one coda slot set per depth; ``generate`` decodes the deepest).
         exit_threshold (`float`, *optional*):
-            Per-token adaptive depth (evaluation only): a token stops looping once the relative change of its state
-            ``||h_t - h_{t-1}|| / ||h_t||`` falls below the threshold, capped by ``num_loops``; exited tokens are not
-            computed, later tokens read their last computed keys/values (see ``adaptive_parcae.py``). The loops each
-            token ran are returned in ``num_loops`` with shape ``(batch, seq_len)``. 0 never exits early. Not with a
-            static (pre-allocated) cache.
+            Per-token adaptive depth (evaluation only): a token stops looping once ``||h_t - h_{t-1}|| / ||h_t||``
+            falls below it (0 never exits), and is no longer computed; ``num_loops`` then returns the loops of each
+            token, ``(batch, seq_len)``. Not with a static cache. See docs/generation.md.
         positions_to_keep (`int`, *optional*, defaults to 0):
-            When > 0, the last coda block computes its attention queries, MLP and output for the last that many
-            positions only (``last_hidden_state`` has that many positions; every position's keys and values are
-            still computed and cached; a model without coda blocks keeps every position). [`ParcaeForCausalLM`] passes an integer ``logits_to_keep`` here, so that the
-            positions whose logits are dropped skip the last block too (``generate``'s prefill keeps one). Ignored
-            with ``output_hidden_states``; 0 keeps every position.
+            When > 0, the last coda block computes queries, MLP and output for the last that many positions only
+            (keys and values of every position are still cached; ignored with ``output_hidden_states`` or no coda). [`ParcaeForCausalLM`] passes an integer
+            ``logits_to_keep`` here, so that positions whose logits are dropped skip the last block too.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -681,7 +635,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        keep = _positions_to_keep(positions_to_keep, seq_len, output_hidden_states, self.config._attn_implementation)
+        keep = self._positions_to_keep(positions_to_keep, seq_len, output_hidden_states, kwargs)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
@@ -707,16 +661,13 @@ class ParcaeModel(ParcaePreTrainedModel):
 
         hidden_states = self._run_stage(self.prelude, inputs_embeds, value_embeddings, block_kwargs,
                                         [slot_map.prelude(i) for i in range(len(self.prelude))], all_hidden_states)
-        depth_states = {}
         if self.looped:
             embeds = self.prelude_norm(hidden_states) if self.prelude_norm is not None else hidden_states
             state = self._initial_state(embeds, initial_state, state_generator)
-            states = [] if output_hidden_states or output_depths is not None else None
+            states = [] if output_hidden_states or output_depths is not None else None  # the state after each loop
             state = self._iterate(state, embeds, schedule, slot_map, value_embeddings, block_kwargs, states)
             if all_hidden_states is not None:
                 all_hidden_states.extend(states)
-            if output_depths is not None:
-                depth_states = {depth: states[depth - 1] for depth in output_depths}
         else:
             state = hidden_states
 
@@ -731,10 +682,8 @@ class ParcaeModel(ParcaePreTrainedModel):
         depth_hidden_states = None
         if output_depths is not None:  # the deepest is ``hidden_states``; the others get their own coda pass
             depth_hidden_states = tuple(
-                hidden_states if depth == slot_map.num_loops else tail(depth_states[depth], slot_map.depth_rank(depth),
-                                                                        None)
-                for depth in output_depths
-            )
+                hidden_states if depth == slot_map.num_loops else tail(states[depth - 1], slot_map.depth_rank(depth), None)
+                for depth in output_depths)
 
         return ParcaeModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -839,13 +788,19 @@ class ParcaeModel(ParcaePreTrainedModel):
         with_grad = min(num_loops, config.mean_backprop_depth) if self.training else num_loops
         return LoopSchedule.fixed(num_loops - with_grad, with_grad)
 
-    def _position_ids(self, position_ids, attention_mask, past_length, batch_size, seq_len, device) -> torch.Tensor:
-        """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone.
+    def _positions_to_keep(self, positions_to_keep: int, seq_len: int, output_hidden_states: bool, kwargs: dict) -> int:
+        """The positions the last block computes (0: all). None trimmed while hidden states or attention maps are
+        asked for (the last ones would lose rows), nor off the eager and sdpa paths (trimming takes rows of a mask)."""
+        if isinstance(positions_to_keep, bool) or not isinstance(positions_to_keep, int) or positions_to_keep < 0:
+            raise ValueError(f"positions_to_keep must be an int >= 0 (0 keeps every position), got {positions_to_keep!r}")
+        if (output_hidden_states or kwargs.get("output_attentions", self.config.output_attentions)
+                or positions_to_keep >= seq_len or self.config._attn_implementation not in (None, "eager", "sdpa")):
+            return 0
+        return positions_to_keep
 
-        Without padding the count equals ``arange``, so the mask path needs no host sync to decide anything. Past
-        the trained context (and without a RoPE scaling that extends it) the model runs on, as transformers' decoders
-        do, with one warning.
-        """
+    def _position_ids(self, position_ids, attention_mask, past_length, batch_size, seq_len, device) -> torch.Tensor:
+        """Positions count real tokens only, so a left-padded prompt gets the positions it would have alone (without
+        padding that is ``arange``: no host sync). Past the trained context, one warning, as in transformers' decoders."""
         if (self.rotary_emb.rope_type == "default" and not torch.compiler.is_compiling()
                 and past_length + seq_len > self.config.max_position_embeddings):
             logger.warning_once(
@@ -872,17 +827,6 @@ class ParcaeModel(ParcaePreTrainedModel):
             return initial_state.to(embeds.dtype)  # its shape was checked with the other inputs
         method = config.state_init if self.training or config.inference_state_init == "config" else "zero"
         return initialize_state(method, embeds, config.state_size, config.initializer_range, generator)
-
-
-def _positions_to_keep(positions_to_keep: int, seq_len: int, output_hidden_states: bool,
-                       attn_implementation: str | None) -> int:
-    """The positions the last block computes (0: all of them). Only the eager and sdpa paths trim: they take rows of
-    an explicit mask; other kernels get every position."""
-    if isinstance(positions_to_keep, bool) or not isinstance(positions_to_keep, int) or positions_to_keep < 0:
-        raise ValueError(f"positions_to_keep must be an int >= 0 (0 keeps every position), got {positions_to_keep!r}")
-    if output_hidden_states or positions_to_keep >= seq_len or attn_implementation not in (None, "eager", "sdpa"):
-        return 0
-    return positions_to_keep
 
 
 @dataclass
@@ -974,7 +918,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             state_generator=state_generator,
             output_depths=output_depths,
             exit_threshold=exit_threshold,
-            positions_to_keep=self._positions_for_logits(logits_to_keep, kwargs),
+            positions_to_keep=logits_to_keep if isinstance(logits_to_keep, int) else 0,
             **kwargs,
         )
         if chunked_loss:
@@ -1004,13 +948,6 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             depth_logits=depth_logits,
             cache=outputs.cache,
         )
-
-    def _positions_for_logits(self, logits_to_keep: int | torch.Tensor, kwargs: dict) -> int:
-        """An integer ``logits_to_keep`` also trims the last block (its other positions feed nothing but the dropped
-        logits); not while attention maps are requested, whose last map would lose rows."""
-        if isinstance(logits_to_keep, torch.Tensor) or kwargs.get("output_attentions", self.config.output_attentions):
-            return 0
-        return logits_to_keep
 
     def _logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype, as Llama returns them (the official code casts them to float32: in bf16 that

@@ -105,7 +105,7 @@ def test_a_cache_refuses_another_loop_count(word_model):
     prompt = torch.randint(3, 288, (1, 6))
     out = word_model.generate(prompt, num_loops=4, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
-    assert isinstance(cache, DynamicCache) and cache.parcae_layout == (4, None)
+    assert isinstance(cache, DynamicCache) and cache.parcae_slot_map.num_loops == 4
     with pytest.raises(ValueError, match="num_loops=4.*num_loops=8"):
         word_model(out.sequences[:, -1:], past_key_values=cache, num_loops=8)
 

@@ -32,7 +32,7 @@ def test_generate_with_the_static_cache_equals_the_dynamic_cache(loops):
     static = model.generate(IDS, num_loops=loops, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                             output_logits=True, cache_implementation="static")
     assert isinstance(static.cache, StaticCache)
-    assert static.cache.parcae_layout == (loops, None)
+    assert static.cache.parcae_slot_map.num_loops == loops
     assert_greedy_agrees(static.sequences[:, IDS.shape[1]:], torch.stack(static.logits, dim=1), dynamic_tokens,
                          dynamic_logits, atol=1e-5)
 
