@@ -4,7 +4,7 @@ Counted with torch's profiler (``aten::copy_`` + ``aten::_to_copy``), per forwar
 Llama that executes as many blocks. What remains in float32, as the official code computes it: RMSNorm (as Llama's),
 RoPE on q and k together (one up-cast and one down-cast per block, the official ``apply_rotary_emb_complex_like``),
 and the qk-norm's float32 accumulation inside ``F.rms_norm``. Before q and k shared one RoPE call the count was 2.75x
-Llama's at the parcae-140m shape; it is 1.93x now (docs/performance.md).
+Llama's at the parcae-140m shape; it is 1.87x now (docs/performance.md).
 """
 
 import torch

@@ -16,15 +16,15 @@ def official_pair_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """The official ``apply_rotary_emb_complex_like``: pairs (2i, 2i+1) rotated in float32 with explicit products."""
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos[:, :, None], sin[:, :, None]
     return torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1).flatten(-2).to(x.dtype)
 
 
 def rope_inputs(dtype: torch.dtype):
     generator = torch.Generator().manual_seed(0)
     batch, heads, tokens, head_dim = 2, 3, 11, 16
-    # (B, T, H, D) transposed to (B, H, T, D), the non-contiguous layout attention passes in
-    x = (torch.randn(batch, tokens, heads, head_dim, generator=generator) * 3).to(dtype).transpose(1, 2)
+    # (B, T, H, D) as attention passes it in: q and k concatenated along the heads, a non-contiguous slice of them
+    x = (torch.randn(batch, tokens, 2 * heads, head_dim, generator=generator) * 3).to(dtype)[:, :, 1:heads + 1]
     angles = torch.rand(batch, tokens, head_dim // 2, generator=generator) * 40
     return x, angles.cos(), angles.sin()
 
