@@ -80,7 +80,7 @@ def score_documents(model, documents: list[list[Row]], pad_id: int, depths: list
     ``batch_size`` bounds the rows of one forward and ``max_batch_tokens`` its padded tokens (None: no bound);
     ``max_length`` is the model's context (cached prefix + own tokens of a batch must fit in it). ``prefix_cache``
     builds the cache a shared prefix is stored in (default: the model's own; e.g. a bounded ``ParcaeSharedLoopCache``
-    to measure its effect on scores). A batch that runs out of device memory is retried with the token bound halved.
+    to measure its effect on scores, one depth per call: the model refuses it for a depth sweep). A batch that runs out of device memory is retried with the token bound halved.
     """
     docs = [_Document(rows, i, shared_prefix_length(rows)) for i, rows in enumerate(documents)]
     results: list[list[dict]] = [[{} for _ in rows] for rows in documents]

@@ -72,6 +72,9 @@ def prepare_cache(cache: Cache, slot_map: ParcaeSlotMap) -> None:
         raise ValueError("an offloaded cache (cache_implementation='offloaded' or 'offloaded_static') moves layers "
                          "between a CUDA device and the CPU with CUDA streams, and this machine has no CUDA device: "
                          "use the default cache here")
+    if isinstance(cache, ParcaeSharedLoopCache) and slot_map.output_depths:
+        raise ValueError("output_depths cannot use ParcaeSharedLoopCache (a depth would read the deepest loop's keys "
+                         "and values, not its own last loop's): use the default cache, or one depth per run")
     stamped = getattr(cache, "parcae_slot_map", None)
     if stamped is not None:
         if stamped != slot_map:

@@ -477,10 +477,8 @@ class ParcaePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ParcaeDecoderLayer"]
-    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
-    _supports_flex_attn = False
     _supports_attention_backend = True
     # output_attentions: one map per *executed* block, recorded by hooks in execution order (prelude, each loop's
     # core blocks, coda); hidden states are Parcae's own (see ParcaeModel.forward)
@@ -613,8 +611,8 @@ class ParcaeModel(ParcaePreTrainedModel):
         output_depths (sequence of distinct positive `int`, *optional*):
             Loop counts to read out from one pass (evaluation only): the core runs ``max(output_depths)`` loops and
             each requested depth's state goes through readout, coda and norm into ``depth_hidden_states`` (given
-            order; ``last_hidden_state`` is the deepest). Each equals a separate forward at that ``num_loops``, cached
-            continuations included (the cache holds one coda slot set per depth; ``generate`` decodes the deepest).
+            order; ``last_hidden_state`` the deepest), each equal to a separate forward at that ``num_loops``, cached
+            continuations too (a coda slot set per depth; not with the bounded cache). ``generate`` decodes the deepest.
         exit_threshold (`float`, *optional*):
             Per-token adaptive depth (evaluation only): a token stops looping once ``||h_t - h_{t-1}|| / ||h_t||``
             falls below it (0 never exits), and is no longer computed; ``num_loops`` then returns the loops of each

@@ -13,7 +13,7 @@ from conftest import (
     assert_greedy_agrees, assert_logits_agree, exit_threshold_candidates, greedy_with_logits, threshold_with_margin,
     tiny_model,
 )
-from transformers import CompileConfig
+from transformers import CompileConfig, DynamicCache
 
 from modeling_parcae import ParcaeSharedLoopCache
 
@@ -234,27 +234,23 @@ def test_output_depths_continued_through_the_cache_on_a_padded_batch_equal_each_
     assert not torch.allclose(second.depth_logits[0], second.depth_logits[2], atol=1e-3)  # depths really differ
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "output_depths with ParcaeSharedLoopCache: the bounded cache's one core slot set stores the deepest loop's "
-    "keys/values, so a shallower depth's cached continuation reads loop max(output_depths) where a separate run at "
-    "that depth reads its own last loop (ParcaeModel.forward documents each depth as equal to a separate forward, "
-    "cached continuations included, for any cache)"))
-def test_output_depths_with_the_bounded_cache_equal_separate_bounded_runs():
-    """A prefix cached in a ``ParcaeSharedLoopCache`` with ``output_depths`` and continued: each depth's logits equal
-    a separate run at that depth with its own bounded cache (at 1 loop the bounded cache is the exact cache)."""
+def test_output_depths_with_the_bounded_cache_are_refused_not_read_at_the_wrong_loop():
+    """A depth sweep runs its loops once for every depth, but ``ParcaeSharedLoopCache`` serves each depth its own last
+    loop's keys/values: a shallower depth continued through it read the deepest loop's (0.047 off a separate bounded
+    run at depth 1). The combination is refused, naming the way out, before anything is written to the cache."""
     model = tiny_model(vocab_size=288, hidden_size=32, intermediate_size=64, num_coda_layers=2,
                        max_position_embeddings=64)
     ids = torch.randint(3, 288, (1, 10), generator=torch.Generator().manual_seed(0))
-    depths = (1, 4)
-    with torch.no_grad():
-        cache = ParcaeSharedLoopCache()
-        model(ids[:, :6], output_depths=depths, cache=cache, use_cache=True)
-        swept = model(ids[:, 6:], output_depths=depths, cache=cache, use_cache=True).depth_logits
-        for depth, logits in zip(depths, swept):
-            separate = ParcaeSharedLoopCache()
-            model(ids[:, :6], num_loops=depth, cache=separate, use_cache=True)
-            assert_logits_agree(logits, model(ids[:, 6:], num_loops=depth, cache=separate, use_cache=True).logits,
-                                atol=1e-5)
+    cache = ParcaeSharedLoopCache()
+    with torch.no_grad(), pytest.raises(ValueError, match="output_depths cannot use ParcaeSharedLoopCache"):
+        model(ids[:, :6], output_depths=(1, 4), cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 0
+    with torch.no_grad():  # each depth on its own is what the message offers: at 1 loop the bounded cache is exact
+        bounded, exact = ParcaeSharedLoopCache(), DynamicCache()
+        model(ids[:, :6], num_loops=1, cache=bounded, use_cache=True)
+        model(ids[:, :6], num_loops=1, cache=exact, use_cache=True)
+        assert_logits_agree(model(ids[:, 6:], num_loops=1, cache=bounded, use_cache=True).logits,
+                            model(ids[:, 6:], num_loops=1, cache=exact, use_cache=True).logits, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
