@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from modeling_parcae import ParcaeSlotMap
 
 LOOPS = 8
-BUDGET = 2.0  # ours / Llama; creeping back towards the old 2.75 fails here
+BUDGET = 1.9  # ours / Llama (1.87 now); the attention output copy coming back (1.93), or worse, fails here
 
 
 def _conversions(model, ids, **kwargs) -> int:
@@ -26,7 +26,7 @@ def _conversions(model, ids, **kwargs) -> int:
     return sum(event.count for event in prof.key_averages() if event.key in ("aten::copy_", "aten::_to_copy"))
 
 
-def test_a_bfloat16_forward_converts_at_most_twice_as_often_as_an_unrolled_llama():
+def test_a_bfloat16_forward_converts_at_most_1_9_times_as_often_as_an_unrolled_llama():
     ours = tiny_model(attn_implementation="sdpa").to(torch.bfloat16)
     config = ours.config
     llama = LlamaForCausalLM(LlamaConfig(
