@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     model = small_model()
-    rows = []
+    rows, load_at_start = [], round(os.getloadavg()[0], 2)  # the ratios are interleaved; the load says how noisy
     with torch.no_grad():
         for batch in args.batch:
             for loops in args.loops:
@@ -94,8 +94,8 @@ def main() -> None:
                       f"compiled static {row['compiled_static_tok_s']:8.1f} tok/s, x{row['speedup']:.2f} "
                       f"(compile {row['compile_seconds']} s)", flush=True)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores visible, torch threads "
-                   f"{torch.get_num_threads()}, shared with other processes",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}",
+        "load_average_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)},
         "torch": torch.__version__, "model": "d=256, prelude/core/coda 2/2/2, vocab 4096, float32, sdpa",
         "prompt_tokens": PROMPT, "decode_steps": args.steps, "rounds": args.rounds, "rows": rows,
     }
