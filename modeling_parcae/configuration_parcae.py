@@ -189,8 +189,9 @@ class ParcaeConfig(PreTrainedConfig):
             return
         _check_positive(self, "num_core_layers", "state_size", "core_intermediate_size", "core_num_attention_heads",
                         "mean_backprop_depth")
-        if self.state_size != self.hidden_size:  # the official code only ever trains this (value-embedding gates,
-            # the shared RoPE table and the additive injection assume it): other widths are refused, not guessed
+        # the official code only ever trains state_size == hidden_size (value-embedding gates, the shared RoPE table
+        # and the additive injection assume it): other widths are refused, not guessed
+        if self.state_size != self.hidden_size:
             raise ValueError(f"state_size ({self.state_size}) different from hidden_size ({self.hidden_size}) is not "
                              "supported")
         if self.core_num_attention_heads != self.num_attention_heads:

@@ -131,7 +131,7 @@ class HalfReLUSquared(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        relu = F.relu(x)
+        relu = F.relu(x) if ctx.needs_input_grad[0] else F.relu_(x)  # inference overwrites up_proj's fresh output
         ctx.save_for_backward(relu)
         return relu.square().mul_(0.5)
 
