@@ -531,7 +531,7 @@ class ParcaePreTrainedModel(PreTrainedModel):
         tables = self.base_model.value_embeddings
         for key, table in tables.items():
             resized = self._get_resized_embeddings(table, embeddings.weight.shape[0], mean_resizing=mean_resizing)
-            tables[key] = with_init(resized.requires_grad_(table.weight.requires_grad), "normal")
+            tables[key] = resized.requires_grad_(table.weight.requires_grad)
         return embeddings
 
 

@@ -334,6 +334,28 @@ def test_from_scratch_init_follows_the_official_scheme():
     assert abs(model.model.value_embeddings["1"].weight.std().item() - 1) < 0.05
 
 
+def test_the_other_official_init_rules_reach_their_layers():
+    """Value-embedding gates keep PyTorch's Linear default (uniform within 1/sqrt(fan_in), wider than the orthogonal
+    std); the linear injection is a normal truncated at 3 std (an orthogonal matrix of that size has entries beyond);
+    norms start at one; a resized value-embedding table keeps its rule for a later (re)initialisation."""
+    std = math.sqrt(2 / (5 * 128))
+    model = ParcaeForCausalLM(tiny_config(hidden_size=128, num_attention_heads=2, injection_type="linear"))
+    gates = [block.self_attn.ve_gate.weight for block in model.model.core if block.self_attn.ve_gate is not None]
+    assert gates
+    for gate in gates:
+        bound = 1 / math.sqrt(gate.shape[1])
+        assert gate.abs().max() <= bound and gate.std() > 1.3 * std
+    proj = model.model.injection.proj.weight
+    assert proj.abs().max() <= 3 * std and abs(proj.std().item() - std) < 0.1 * std
+    assert all(torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in (
+        model.model.norm, model.model.prelude_norm, model.model.core[0].input_layernorm))
+    model.resize_token_embeddings(model.config.vocab_size + 64)
+    table = model.model.value_embeddings["1"]
+    assert table.weight.shape[0] == model.config.vocab_size
+    model._init_weights(table)
+    assert abs(table.weight.std().item() - 1) < 0.05
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # persistence and remote code
 # ---------------------------------------------------------------------------------------------------------------
