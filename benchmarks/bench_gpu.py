@@ -5,8 +5,10 @@ Training step (forward + cross-entropy + backward, no optimizer) at the parcae-1
 weights, batch 8 x 2048, 4 no-grad + 4 gradient loops, bf16 autocast over fp32 weights (the ``parcae train`` and
 official recipes), flash SDPA where the GPU has it:
 
-* ours eager; ours with every block compiled (``modeling_parcae.compilation.compile_blocks``, as ``parcae train
-  --compile``); the same plus the chunked head + loss (``chunked_loss.py``, no float32 logits);
+* ours eager; ours under a whole-model ``torch.compile`` (what ``TrainingArguments(torch_compile=True)`` does; in
+  training the loop stays in Python and its stages compile); ours with every block compiled
+  (``modeling_parcae.compilation.compile_blocks``, as ``parcae train --compile``); the same plus the chunked head +
+  loss (``chunked_loss.py``, no float32 logits);
 * the official class (``PARCAE_OFFICIAL_SRC``; skipped with the reason without it), eager and compiled as its
   training recipe runs (``OFFICIAL_RECIPE``, recorded in the JSON; official ``scripts/train.py:94-123`` and
   ``:396-404`` with the ``recpre/settings.py`` defaults its launch configs keep): the whole model compiled by inductor
@@ -247,6 +249,9 @@ def bench_training(settings: dict, device: torch.device, peak_flops: float, offi
     # every row holds the same weight tensors (compiled in place; the official class shares ours), so the peaks differ
     # by activations, gradients and workspace only
     run("ours eager", ours_step(ours, rows, loops, False, autocast))
+    # what TrainingArguments(torch_compile=True) does: in training the loop stays in Python, its stages compile
+    run("ours torch.compile(model)", ours_step(torch.compile(ours, backend=settings["backend"], dynamic=False), rows,
+                                               loops, False, autocast))
     compile_blocks(ours, backend=settings["backend"], dynamic=False)
     run("ours compiled", ours_step(ours, rows, loops, False, autocast))
     run("ours compiled, chunked loss", ours_step(ours, rows, loops, True, autocast))
@@ -265,7 +270,7 @@ def bench_training(settings: dict, device: torch.device, peak_flops: float, offi
     torch._dynamo.reset()
     result = dict(model_flops_per_step=flops, rows=rows_out, official_recipe=recipe)
     if "ms_per_step" in rows_out.get("official compiled", {}):
-        for name in ("ours compiled", "ours compiled, chunked loss"):
+        for name in ("ours compiled", "ours torch.compile(model)", "ours compiled, chunked loss"):
             if "ms_per_step" not in rows_out[name]:
                 continue
             result[f"{name} / official compiled"] = dict(

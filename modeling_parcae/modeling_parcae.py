@@ -421,6 +421,12 @@ def initialize_state(
     shape = (*embeds.shape[:-1], state_size)
     if method == "zero":
         return embeds.new_zeros(shape)
+    return _random_state(method, embeds, shape, std, generator)
+
+
+@torch.compiler.disable  # drawn eagerly under torch.compile too: the random stream of an eager run, no .item() break
+def _random_state(method: str, embeds: torch.Tensor, shape: tuple[int, ...], std: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
     noise = torch.randn(shape, generator=generator, device=embeds.device, dtype=embeds.dtype)
     if method == "normal":
         return noise
@@ -665,7 +671,8 @@ class ParcaeModel(ParcaePreTrainedModel):
             embeds = self.prelude_norm(hidden_states) if self.prelude_norm is not None else hidden_states
             state = self._initial_state(embeds, initial_state, state_generator)
             states = [] if output_hidden_states or output_depths is not None else None  # the state after each loop
-            state = self._iterate(state, embeds, schedule, slot_map, value_embeddings, block_kwargs, states)
+            iterate = self._iterate_regionally if self.training else self._iterate
+            state = iterate(state, embeds, schedule, slot_map, value_embeddings, block_kwargs, states)
             if all_hidden_states is not None:
                 all_hidden_states.extend(states)
         else:
@@ -713,6 +720,11 @@ class ParcaeModel(ParcaePreTrainedModel):
             if states is not None:
                 states.append(state)
         return state
+
+    # Training under a whole-model torch.compile (``TrainingArguments(torch_compile=True)``): dynamo skips this frame
+    # but compiles the stages and injections it calls, so every sampled depth reuses their graphs (regional
+    # compilation) instead of unrolling a new graph per depth. Inference keeps the unrolled loop (fullgraph decode).
+    _iterate_regionally = torch.compiler.disable(_iterate, recursive=False)
 
     def _run_stage(self, blocks: nn.ModuleList, hidden_states: torch.Tensor, value_embeddings: dict,
                    block_kwargs: dict, slots: list[int], record: list | None = None, keep: int = 0,
@@ -771,9 +783,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         back-propagates through its last ``mean_backprop_depth`` loops; a ``(no_grad, with_grad)`` pair as given."""
         config = self.config
         if num_loops is None and self.training and config.train_num_loops is None:
-            schedule = sample_loop_schedule(config, batch_size, seq_len, self.depth_sampling_step)
-            self.depth_sampling_step += 1
-            return schedule
+            return self._sample_schedule(batch_size, seq_len)
         if num_loops is None:
             num_loops = config.train_num_loops if self.training else config.num_loops
         if isinstance(num_loops, torch.Tensor):
@@ -787,6 +797,12 @@ class ParcaeModel(ParcaePreTrainedModel):
         validate_num_loops(num_loops)
         with_grad = min(num_loops, config.mean_backprop_depth) if self.training else num_loops
         return LoopSchedule.fixed(num_loops - with_grad, with_grad)
+
+    @torch.compiler.disable  # host-side, also under a whole-model compile: no guard on the step, no .item() break
+    def _sample_schedule(self, batch_size: int, seq_len: int) -> LoopSchedule:
+        """The next training depth, drawn from the step counter (a run is reproducible from its step)."""
+        self.depth_sampling_step += 1
+        return sample_loop_schedule(self.config, batch_size, seq_len, self.depth_sampling_step - 1)
 
     def _positions_to_keep(self, positions_to_keep: int, seq_len: int, output_hidden_states: bool, kwargs: dict) -> int:
         """The positions the last block computes (0: all). None trimmed while hidden states or attention maps are

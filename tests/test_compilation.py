@@ -97,6 +97,37 @@ def test_compiled_training_step_equals_eager_and_a_new_depth_does_not_recompile(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_whole_model_compile_in_training_compiles_the_loop_by_regions():
+    """``torch.compile(model)`` in training (what ``TrainingArguments(torch_compile=True)`` does): the loop runs in
+    Python and the stages and injections it calls compile once, so new sampled depths add no graph after the second
+    step (which meets the last grad-mode and mask variants), every loop runs a compiled graph, and losses and
+    gradients equal eager ones (the recording backend runs the traced graphs; the random initial state is drawn
+    eagerly, from the same stream)."""
+    eager = tiny_model().train()
+    backend = RecordingBackend()
+    compiled = torch.compile(copy.deepcopy(eager), backend=backend)
+    input_ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    depths, graphs_after_each_step = [], []
+    for step in range(6):
+        calls_before = backend.calls
+        torch.manual_seed(step)
+        outputs = compiled(input_ids, labels=input_ids)
+        outputs.loss.backward()
+        torch.manual_seed(step)
+        reference = eager(input_ids, labels=input_ids)
+        reference.loss.backward()
+        assert torch.equal(outputs.num_loops, reference.num_loops)
+        torch.testing.assert_close(outputs.loss, reference.loss, atol=1e-6, rtol=0)
+        assert backend.calls - calls_before >= int(outputs.num_loops.max())  # each loop ran a compiled graph
+        depths.append(max(outputs.num_loops.tolist()))
+        graphs_after_each_step.append(backend.graphs)
+    assert len(set(depths[2:])) >= 3, depths  # the steps without new graphs ran different depths
+    assert graphs_after_each_step[1:] == [graphs_after_each_step[1]] * 5, graphs_after_each_step
+    for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_state_dict_keys_and_module_tree_are_unchanged():
     model = tiny_model()
     keys = list(model.state_dict())
@@ -191,3 +222,39 @@ def test_trainer_trains_compiled_blocks_like_eager_without_recompiling(tmp_path)
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-6)
     assert backend.grad_modes == {True, False}  # the no-grad and the gradient loops run compiled
     assert graphs_per_step == [graphs_per_step[0]] * 4 and graphs_per_step[0] > 0, graphs_per_step
+
+
+def test_trainer_torch_compile_trains_like_eager_without_a_graph_per_sampled_depth(tmp_path):
+    """``TrainingArguments(torch_compile=True)`` compiles the whole model through Accelerate; in training the loop
+    stays in Python (see the whole-model test above). With ``aot_eager`` (dynamo capture and AOT autograd, eager
+    kernels): per-step losses equal the eager Trainer's within 1e-6, and steps 3-4, at new sampled depths, add no
+    graph."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from modeling_parcae.modeling_parcae import sample_loop_schedule
+
+    rows = torch.randint(3, 128, (16, 24), generator=torch.Generator().manual_seed(4))
+    dataset = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+    graphs_per_step = []
+
+    class CountGraphs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            graphs_per_step.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    def losses(output_dir, **compile_args) -> list[float]:
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+                                 save_strategy="no", dataloader_num_workers=0, **compile_args)
+        trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset, callbacks=[CountGraphs()])
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    eager_losses = losses(tmp_path / "eager")
+    graphs_per_step.clear()
+    compiled_losses = losses(tmp_path / "compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-6)
+    config = tiny_model().config
+    depths = [int(sample_loop_schedule(config, 4, 24, step).loops_run.max()) for step in range(4)]
+    assert set(depths[2:]) - set(depths[:2]), depths  # steps 3-4 reach a depth the first two did not
+    assert graphs_per_step[2:] == [graphs_per_step[1]] * 2 and graphs_per_step[1] > 0, graphs_per_step
