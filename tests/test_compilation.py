@@ -97,32 +97,37 @@ def test_compiled_training_step_equals_eager_and_a_new_depth_does_not_recompile(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_a_whole_model_compile_in_training_compiles_the_loop_by_regions():
+@pytest.mark.parametrize("batch_size, padded", [(1, False), (4, False), (3, True)])
+def test_a_whole_model_compile_in_training_compiles_the_loop_by_regions(batch_size, padded):
     """``torch.compile(model)`` in training (what ``TrainingArguments(torch_compile=True)`` does): the loop runs in
-    Python and the stages and injections it calls compile once, so new sampled depths add no graph after the second
-    step (which meets the last grad-mode and mask variants), every loop runs a compiled graph, and losses and
-    gradients equal eager ones (the recording backend runs the traced graphs; the random initial state is drawn
-    eagerly, from the same stream)."""
+    Python and the stages and injections it calls compile once, so new sampled depths add no graph once the first
+    steps have met each grad mode and mask variant, every loop runs a compiled graph, and losses and gradients equal
+    eager ones (the recording backend runs the traced graphs; the random initial state is drawn eagerly, from the
+    same stream)."""
     eager = tiny_model().train()
     backend = RecordingBackend()
     compiled = torch.compile(copy.deepcopy(eager), backend=backend)
-    input_ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(3, 128, (batch_size, 16), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    if padded:
+        attention_mask[0, :5] = attention_mask[1, :2] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
     depths, graphs_after_each_step = [], []
-    for step in range(6):
+    for step in range(7):
         calls_before = backend.calls
         torch.manual_seed(step)
-        outputs = compiled(input_ids, labels=input_ids)
+        outputs = compiled(input_ids, attention_mask=attention_mask, labels=labels)
         outputs.loss.backward()
         torch.manual_seed(step)
-        reference = eager(input_ids, labels=input_ids)
+        reference = eager(input_ids, attention_mask=attention_mask, labels=labels)
         reference.loss.backward()
         assert torch.equal(outputs.num_loops, reference.num_loops)
         torch.testing.assert_close(outputs.loss, reference.loss, atol=1e-6, rtol=0)
         assert backend.calls - calls_before >= int(outputs.num_loops.max())  # each loop ran a compiled graph
         depths.append(max(outputs.num_loops.tolist()))
         graphs_after_each_step.append(backend.graphs)
-    assert len(set(depths[2:])) >= 3, depths  # the steps without new graphs ran different depths
-    assert graphs_after_each_step[1:] == [graphs_after_each_step[1]] * 5, graphs_after_each_step
+    assert set(depths[3:]) - set(depths[:3]), depths  # a depth first reached after the graphs stopped growing
+    assert graphs_after_each_step[2:] == [graphs_after_each_step[2]] * 5, graphs_after_each_step
     for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
