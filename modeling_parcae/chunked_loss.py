@@ -62,7 +62,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` over the rows whose target is not
     ``ignore_index``; equal to ``F.cross_entropy((hidden @ weight.T).float(), targets)`` up to float32 rounding.
 
-    ``hidden``: (..., d) in the compute dtype (bf16 under autocast); ``weight``: (vocab, d), e.g. the tied head;
+    ``hidden``: (..., d), cast to the autocast dtype where autocast is on (else its own dtype is the compute dtype); ``weight``: (vocab, d), e.g. the tied head;
     ``targets``: (...) token ids. The weight gradient is accumulated in float32 and returned in its dtype.
     """
     if hidden.shape[:-1] != targets.shape:
@@ -70,6 +70,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
                          f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-1])})")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen explicitly above
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the head's matmuls in the autocast dtype, as ``lm_head(hidden)``
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))  # (the final norm returns float32)
+    with torch.autocast(device_type, enabled=False):  # the dtypes are chosen explicitly above
         return _ChunkedLinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), chunk_size,
                                                 ignore_index)

@@ -902,8 +902,8 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             Targets already aligned with the positions (the next token of each), instead of ``labels``.
         chunked_loss (`bool`, *optional*, defaults to `False`):
             Compute head and loss chunk by chunk (``chunked_loss.py``): the ``(tokens, vocab)`` logits never exist,
-            ``logits`` is ``None``. Trades time for memory: at the parcae-140m training shape on an H200, 7.4 instead of
-            12.8 GiB for 2.1x the step time (``docs/performance.md``).
+            ``logits`` is ``None``. Saves memory: at the parcae-140m training shape on an H200, 7.4 instead of 12.8 GiB
+            (its step-time cost is to be re-measured: ``docs/performance.md``).
         num_loops, initial_state, state_generator, output_depths, exit_threshold: see [`ParcaeModel.forward`];
             with ``output_depths`` the logits of every depth are in ``depth_logits``.
 

@@ -242,7 +242,8 @@ def _accumulate_gradients(model, accelerator: Accelerator,
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             # the plain head and loss: on an H200 the compiled step with them took 49 ms where chunked_loss=True took
-            # 106 ms (for 7.4 GiB instead of 12.8; benchmarks/results/gpu.json)
+            # 106 ms (for 7.4 GiB instead of 12.8), then with its head in float32 under autocast (fixed since; to be
+            # re-measured: docs/performance.md)
             outputs = model(input_ids=rows[:, :-1], shift_labels=rows[:, 1:])
             loss = outputs.loss
             accelerator.backward(loss / len(micro_batches))
