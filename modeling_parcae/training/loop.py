@@ -137,9 +137,13 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         # as the official recipe: every step has the same shapes
         compile_blocks(model, backend=settings.compile_backend, dynamic=False)
         process.print(f"compiling each block ({settings.compile_backend}); the first step includes the compile")
+    mixed_precision = resolve_mixed_precision(settings.mixed_precision)
+    if mixed_precision != settings.mixed_precision:
+        process.print(f"training.mixed_precision={settings.mixed_precision} needs a bf16-capable GPU: training in "
+                      f"float32 here")
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_mixed_precision(settings.mixed_precision),
+        mixed_precision=mixed_precision,
         log_with=recipe.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))],
