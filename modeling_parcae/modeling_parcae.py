@@ -536,7 +536,13 @@ class ParcaePreTrainedModel(PreTrainedModel):
         embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         tables = self.base_model.value_embeddings
         for key, table in tables.items():
+            old_rows = table.weight.shape[0]
             resized = self._get_resized_embeddings(table, embeddings.weight.shape[0], mean_resizing=mean_resizing)
+            added = resized.weight.shape[0] - old_rows
+            if added > 0 and not mean_resizing:  # transformers drew the new rows on an untagged table: use this one's
+                rows = with_init(nn.Embedding(added, resized.weight.shape[1]), getattr(table, "parcae_init", ""))
+                self._init_weights(rows)
+                resized.weight.data[old_rows:] = rows.weight.data
             tables[key] = resized.requires_grad_(table.weight.requires_grad)
         return embeddings
 

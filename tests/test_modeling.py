@@ -356,6 +356,25 @@ def test_the_other_official_init_rules_reach_their_layers():
     assert abs(table.weight.std().item() - 1) < 0.05
 
 
+@pytest.mark.parametrize("mean_resizing", [True, False])
+def test_resizing_gives_the_new_value_embedding_rows_their_tables_distribution(mean_resizing):
+    """As transformers resizes the token embedding: by default the added rows are the old rows' mean (sampled with a
+    1e-9-scaled covariance); ``mean_resizing=False`` draws them by the table's own rule, N(0, 1) — transformers draws
+    them on a fresh, untagged table (the orthogonal default, std ~0.06 here), so the model redraws them. Old rows are
+    kept either way."""
+    model = ParcaeForCausalLM(tiny_config(hidden_size=128, num_attention_heads=2))
+    before = {key: table.weight.detach().clone() for key, table in model.model.value_embeddings.items()}
+    old_rows = model.config.vocab_size
+    model.resize_token_embeddings(old_rows + 256, mean_resizing=mean_resizing)
+    for key, table in model.model.value_embeddings.items():
+        assert torch.equal(table.weight[:old_rows], before[key])
+        added = table.weight[old_rows:].detach()
+        if mean_resizing:
+            torch.testing.assert_close(added, before[key].mean(0).expand_as(added), atol=1e-3, rtol=0)
+        else:
+            assert abs(added.std().item() - 1) < 0.1, key
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # persistence and remote code
 # ---------------------------------------------------------------------------------------------------------------
