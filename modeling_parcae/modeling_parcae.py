@@ -540,7 +540,7 @@ class ParcaePreTrainedModel(PreTrainedModel):
             resized = self._get_resized_embeddings(table, embeddings.weight.shape[0], mean_resizing=mean_resizing)
             added = resized.weight.shape[0] - old_rows
             if added > 0 and not mean_resizing:  # transformers drew the new rows on an untagged table: use this one's
-                rows = with_init(nn.Embedding(added, resized.weight.shape[1]), getattr(table, "parcae_init", ""))
+                rows = with_init(nn.Embedding(added, resized.weight.shape[1]), table.parcae_init)
                 self._init_weights(rows)
                 resized.weight.data[old_rows:] = rows.weight.data
             tables[key] = resized.requires_grad_(table.weight.requires_grad)
