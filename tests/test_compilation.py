@@ -97,14 +97,16 @@ def test_compiled_training_step_equals_eager_and_a_new_depth_does_not_recompile(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("batch_size, padded", [(1, False), (4, False), (3, True)])
-def test_a_whole_model_compile_in_training_compiles_the_loop_by_regions(batch_size, padded):
+@pytest.mark.parametrize("batch_size, padded, attention, autocast", [
+    (1, False, "sdpa", None), (4, False, "sdpa", None), (3, True, "sdpa", None), (2, True, "eager", torch.bfloat16)])
+def test_a_whole_model_compile_in_training_compiles_the_loop_by_regions(batch_size, padded, attention, autocast):
     """``torch.compile(model)`` in training (what ``TrainingArguments(torch_compile=True)`` does): the loop runs in
     Python and the stages and injections it calls compile once, so new sampled depths add no graph once the first
     steps have met each grad mode and mask variant, every loop runs a compiled graph, and losses and gradients equal
     eager ones (the recording backend runs the traced graphs; the random initial state is drawn eagerly, from the
-    same stream)."""
-    eager = tiny_model().train()
+    same stream). Also under bf16 autocast with eager attention: the same ops, so the same tolerances."""
+    eager = tiny_model(attn_implementation=attention).train()
+    assert eager.config._attn_implementation == attention
     backend = RecordingBackend()
     compiled = torch.compile(copy.deepcopy(eager), backend=backend)
     input_ids = torch.randint(3, 128, (batch_size, 16), generator=torch.Generator().manual_seed(0))
@@ -115,11 +117,12 @@ def test_a_whole_model_compile_in_training_compiles_the_loop_by_regions(batch_si
     depths, graphs_after_each_step = [], []
     for step in range(7):
         calls_before = backend.calls
-        torch.manual_seed(step)
-        outputs = compiled(input_ids, attention_mask=attention_mask, labels=labels)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            torch.manual_seed(step)
+            outputs = compiled(input_ids, attention_mask=attention_mask, labels=labels)
+            torch.manual_seed(step)
+            reference = eager(input_ids, attention_mask=attention_mask, labels=labels)
         outputs.loss.backward()
-        torch.manual_seed(step)
-        reference = eager(input_ids, attention_mask=attention_mask, labels=labels)
         reference.loss.backward()
         assert torch.equal(outputs.num_loops, reference.num_loops)
         torch.testing.assert_close(outputs.loss, reference.loss, atol=1e-6, rtol=0)
@@ -198,32 +201,37 @@ def test_compile_blocks_rejects_a_model_without_parcae_blocks():
         compile_blocks(torch.nn.Linear(2, 2))
 
 
-def test_trainer_trains_compiled_blocks_like_eager_without_recompiling(tmp_path):
-    """Stock ``transformers.Trainer`` on a model passed through ``compile_blocks`` (``torch_compile`` left off):
-    per-step losses equal the eager Trainer's within 1e-6 (the recording backend runs the captured graphs, so this
-    checks capture and the optimizer loop, not kernels), with sampled depths, and steps 2-4 compile nothing new."""
+def trainer_losses(model, output_dir, count_graphs=None, **compile_args) -> tuple[list[float], list[int]]:
+    """Four steps of stock ``transformers.Trainer`` (batch 4 x 24 tokens, sampled depths): the logged losses and,
+    with ``count_graphs``, its reading after each step."""
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     rows = torch.randint(3, 128, (16, 24), generator=torch.Generator().manual_seed(4))
     dataset = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
-    backend = RecordingBackend()
     graphs_per_step = []
 
     class CountGraphs(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            graphs_per_step.append(backend.graphs)
+            graphs_per_step.append(count_graphs())
 
-    def losses(model, output_dir, callbacks=()) -> list[float]:
-        args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
-                                 learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-                                 save_strategy="no", dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=list(callbacks))
-        trainer.train()
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+                             save_strategy="no", dataloader_num_workers=0, **compile_args)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      callbacks=[CountGraphs()] if count_graphs else [])
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], graphs_per_step
 
-    eager_losses = losses(tiny_model(), tmp_path / "eager")
-    compiled_losses = losses(compile_blocks(tiny_model(), backend=backend), tmp_path / "compiled", [CountGraphs()])
+
+def test_trainer_trains_compiled_blocks_like_eager_without_recompiling(tmp_path):
+    """Stock ``transformers.Trainer`` on a model passed through ``compile_blocks`` (``torch_compile`` left off):
+    per-step losses equal the eager Trainer's within 1e-6 (the recording backend runs the captured graphs, so this
+    checks capture and the optimizer loop, not kernels), with sampled depths, and steps 2-4 compile nothing new."""
+    backend = RecordingBackend()
+    eager_losses, _ = trainer_losses(tiny_model(), tmp_path / "eager")
+    compiled_losses, graphs_per_step = trainer_losses(compile_blocks(tiny_model(), backend=backend),
+                                                      tmp_path / "compiled", lambda: backend.graphs)
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-6)
     assert backend.grad_modes == {True, False}  # the no-grad and the gradient loops run compiled
     assert graphs_per_step == [graphs_per_step[0]] * 4 and graphs_per_step[0] > 0, graphs_per_step
@@ -234,30 +242,12 @@ def test_trainer_torch_compile_trains_like_eager_without_a_graph_per_sampled_dep
     stays in Python (see the whole-model test above). With ``aot_eager`` (dynamo capture and AOT autograd, eager
     kernels): per-step losses equal the eager Trainer's within 1e-6, and steps 3-4, at new sampled depths, add no
     graph."""
-    from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
     from modeling_parcae.modeling_parcae import sample_loop_schedule
 
-    rows = torch.randint(3, 128, (16, 24), generator=torch.Generator().manual_seed(4))
-    dataset = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
-    graphs_per_step = []
-
-    class CountGraphs(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            graphs_per_step.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-    def losses(output_dir, **compile_args) -> list[float]:
-        args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
-                                 learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-                                 save_strategy="no", dataloader_num_workers=0, **compile_args)
-        trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset, callbacks=[CountGraphs()])
-        trainer.train()
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-    eager_losses = losses(tmp_path / "eager")
-    graphs_per_step.clear()
-    compiled_losses = losses(tmp_path / "compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    eager_losses, _ = trainer_losses(tiny_model(), tmp_path / "eager")
+    compiled_losses, graphs_per_step = trainer_losses(
+        tiny_model(), tmp_path / "compiled", lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        torch_compile=True, torch_compile_backend="aot_eager")
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-6)
     config = tiny_model().config
     depths = [int(sample_loop_schedule(config, 4, 24, step).loops_run.max()) for step in range(4)]
