@@ -62,8 +62,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` over the rows whose target is not
     ``ignore_index``; equal to ``F.cross_entropy((hidden @ weight.T).float(), targets)`` up to float32 rounding.
 
-    ``hidden``: (..., d), cast to the autocast dtype where autocast is on (else its own dtype is the compute dtype); ``weight``: (vocab, d), e.g. the tied head;
-    ``targets``: (...) token ids. The weight gradient is accumulated in float32 and returned in its dtype.
+    ``hidden``: (..., d), cast to the autocast dtype where autocast is on (else its dtype is the compute dtype);
+    ``weight``: (vocab, d), e.g. the tied head; ``targets``: (...) token ids. The weight gradient is accumulated in
+    float32 and returned in its dtype.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match hidden states of shape "

@@ -93,11 +93,12 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | N
                    dynamic: bool | None = None, fullgraph: bool = False) -> nn.Module:
     """Compile each Parcae block in place (regional compilation); returns ``model`` itself.
 
-    Call it before ``accelerator.prepare`` / ``Trainer(...)``, instead of ``TrainingArguments(torch_compile=True)``
-    (a whole-model compile, which would trace through these graphs; in training it compiles the loop's stages). ``dynamic=False`` suits training (fixed shapes, as the
-    official recipe); the default lets a decode step's growing cache length become a dynamic dimension after the
-    first recompile instead of one graph per length. ``fullgraph=True`` fails on a cache written eagerly (see the
-    module docstring). Idempotent: a compiled block is compiled again with the new settings.
+    Call it before ``accelerator.prepare`` / ``Trainer(...)``, instead of ``TrainingArguments(torch_compile=True)`` (a
+    whole-model compile, which would trace through these graphs; in training it compiles the loop's stages).
+    ``dynamic=False`` suits training (fixed shapes, as the official recipe); the default lets a decode step's growing
+    cache length become a dynamic dimension after the first recompile instead of one graph per length.
+    ``fullgraph=True`` fails on a cache written eagerly (see the module docstring). Idempotent: a compiled block is
+    compiled again with the new settings.
     """
     blocks = parcae_blocks(model)
     if not blocks:
