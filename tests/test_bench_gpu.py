@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO_ROOT
@@ -32,6 +33,23 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert prefill["llama compiled (whole model)"]["graphs_compiled_at_other_loops"] > 0  # a new unrolled depth
     decode = report["inference"]["decode"]["ours compiled (regional)"]
     assert decode["graphs_timed_run"] == decode["graphs_at_other_loops"] == 0
+
+
+@pytest.mark.skipif(not os.environ.get("PARCAE_OFFICIAL_SRC"),
+                    reason="PARCAE_OFFICIAL_SRC is not set (an extracted checkout of the official sandyresearch/parcae "
+                           "source): the official rows of the GPU benchmark are not smoke-run")
+def test_smoke_run_with_the_official_class_writes_its_rows_and_both_baselines(tmp_path):
+    output = tmp_path / "gpu_smoke.json"
+    result = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--smoke", "--sections", "training",
+                             "--out", str(output)], cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    training = json.loads(output.read_text())["training"]
+    official_rows = {"official eager", "official compiled", "official blocks compiled"}
+    assert official_rows <= set(training["rows"])
+    assert all(training["rows"][name]["ms_per_step"] > 0 for name in official_rows)
+    for baseline in ("official compiled", "official blocks compiled"):
+        assert training[f"ours compiled / {baseline}"]["time"] > 0
 
 
 def test_official_recipe_settings_stay_in_the_official_rows(monkeypatch):
