@@ -7,8 +7,9 @@ official recipes), flash SDPA where the GPU has it:
 
 * ours eager; ours under a whole-model ``torch.compile`` (what ``TrainingArguments(torch_compile=True)`` does; in
   training the loop stays in Python and its stages compile); ours with every block compiled
-  (``modeling_parcae.compilation.compile_blocks``, as ``parcae train --compile``); the same plus the chunked head +
-  loss (``chunked_loss.py``, no float32 logits);
+  (``modeling_parcae.compilation.compile_blocks``) and the head's loss eager; ours with the blocks and the loss
+  compiled (``compile_loss``: ``parcae train --compile``); the chunked head + loss (``chunked_loss.py``) on the
+  compiled blocks;
 * the official class (``PARCAE_OFFICIAL_SRC``; skipped with the reason without it), eager and compiled as its
   training recipe runs (``OFFICIAL_RECIPE``, recorded in the JSON; official ``scripts/train.py:94-123`` and
   ``:396-404`` with the ``recpre/settings.py`` defaults its launch configs keep): the whole model compiled by inductor
@@ -61,7 +62,7 @@ from released_models import (
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
 from modeling_parcae.atomic import write_atomically
 from modeling_parcae.chunked_loss import chunked_linear_cross_entropy
-from modeling_parcae.compilation import compile_blocks
+from modeling_parcae.compilation import compile_blocks, compile_loss
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
 FULL = dict(preset="parcae-140m", batch=8, seq_len=2048, no_grad=4, grad=4, timed_steps=5, matmul=8192,
@@ -263,6 +264,8 @@ def bench_training(settings: dict, device: torch.device, peak_flops: float, offi
     run("ours torch.compile(model)", ours_step(torch.compile(ours, backend=settings["backend"], dynamic=False), rows,
                                                loops, False, autocast))
     compile_blocks(ours, backend=settings["backend"], dynamic=False)
+    run("ours compiled blocks, eager loss", ours_step(ours, rows, loops, False, autocast))
+    compile_loss(ours, backend=settings["backend"], dynamic=False)  # now as `parcae train --compile`
     run("ours compiled", ours_step(ours, rows, loops, False, autocast))
     run("ours compiled, chunked loss", ours_step(ours, rows, loops, True, autocast))
     recipe = None
@@ -287,7 +290,8 @@ def bench_training(settings: dict, device: torch.device, peak_flops: float, offi
     for baseline in ("official compiled", "official blocks compiled"):
         if "ms_per_step" not in rows_out.get(baseline, {}):
             continue
-        for name in ("ours compiled", "ours torch.compile(model)", "ours compiled, chunked loss"):
+        for name in ("ours compiled", "ours compiled blocks, eager loss", "ours torch.compile(model)",
+                     "ours compiled, chunked loss"):
             if "ms_per_step" not in rows_out[name]:
                 continue
             result[f"{name} / {baseline}"] = dict(

@@ -9,13 +9,20 @@ without it only our step is timed and the comparison is reported as skipped.
 Steps alternate between the two models (median reported), then one more step per model measures the peak resident
 memory it adds (``peak_memory.py``): activations, gradients and logits.
 
+``--compile`` adds two rows of ours compiled by inductor (``dynamic=False``, compiled in the warm-up step): the blocks
+only (``compile_blocks``, head and loss eager) and the blocks plus the loss (``compile_loss`` too: what
+``parcae train --compile`` runs), each on its own copy of the weights. Its JSON goes to
+``results/training_step_compiled.json`` unless ``--output`` says otherwise.
+
     PARCAE_OFFICIAL_SRC=/tmp/official-parcae python benchmarks/bench_training_step.py  # results/training_step.json
     python benchmarks/bench_training_step.py --steps 1 --seq-len 256                  # a quick smoke run
+    python benchmarks/bench_training_step.py --compile --steps 3     # results/training_step_compiled.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +35,7 @@ from bench_released_shapes import (
     LoadLog, machine_description, ratios_over_others, save_report, timed_row, timed_call,
 )
 from released_models import build_official, build_parcae, import_official
+from modeling_parcae.compilation import compile_blocks, compile_loss
 
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training_step.json"
@@ -61,8 +69,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=11,
                         help="timed steps per model (median reported; 11 take about 6 minutes on 2 cores)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with compiled blocks, and with compiled blocks and loss (inductor)")
+    parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    args.output = args.output or RESULTS.with_name("training_step_compiled.json" if args.compile else RESULTS.name)
 
     torch.set_num_threads(args.threads)
     memory_problem = peak_memory.enable()
@@ -80,6 +91,11 @@ def main() -> int:
     if official_class is not None:
         official = build_official(official_class, ours).train()
         steps["official"] = official_step(official, batch, no_grad_loops, args.backprop)
+    if args.compile:
+        blocks = compile_blocks(copy.deepcopy(ours), dynamic=False)
+        steps["ours, blocks compiled"] = ours_step(blocks, batch, no_grad_loops, args.backprop)
+        both = compile_loss(compile_blocks(copy.deepcopy(ours), dynamic=False), dynamic=False)
+        steps["ours, blocks + loss compiled"] = ours_step(both, batch, no_grad_loops, args.backprop)
 
     for step in steps.values():  # warm-up
         step()
@@ -113,11 +129,19 @@ def main() -> int:
         report["cpu_time_ours_over_official"] = ratios["ours_over_official_cpu"]
         if rows["ours"]["peak_mb"] is not None:
             report["memory_ours_over_official"] = rows["ours"]["peak_mb"] / rows["official"]["peak_mb"]
+    if args.compile:
+        # the compiled loss's effect: blocks + loss over blocks only, time and peak memory, measured in this run
+        with_loss, without = rows["ours, blocks + loss compiled"], rows["ours, blocks compiled"]
+        report["compiled_loss_over_eager_loss"] = dict(
+            time=with_loss["median_s"] / without["median_s"],
+            memory=with_loss["peak_mb"] / without["peak_mb"] if without["peak_mb"] else None)
+        print(f"compiled loss / eager loss (blocks compiled in both): "
+              f"{report['compiled_loss_over_eager_loss']}")
     save_report(report, args.output)
 
     for name, row in rows.items():
         peak = f"{row['peak_mb']:.0f} MB" if row["peak_mb"] is not None else "?"
-        print(f"{name:>9}: {row['median_s']:.2f} s/step, peak {peak}")
+        print(f"{name:>28}: {row['median_s']:.2f} s/step, peak {peak}")
     if "time_ours_over_official" in report:
         print(f"ours/official: time {report['time_ours_over_official']:.3f} "
               f"(back to back {report['time_ours_over_official_paired']:.3f}, "

@@ -118,3 +118,23 @@ def blocks_are_compiled(model: nn.Module) -> bool:
     """True when every Parcae block of ``model`` runs through :func:`compile_blocks`."""
     blocks = parcae_blocks(model)
     return bool(blocks) and all(isinstance(block.__dict__.get("forward"), _CompiledBlockForward) for block in blocks)
+
+
+def compile_loss(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+                 dynamic: bool | None = None) -> nn.Module:
+    """Compile the model's loss function (logits -> cross-entropy) in place; returns ``model`` itself.
+
+    Eagerly, transformers' ``ForCausalLMLoss`` makes a float32 copy of the B x T x V logits and log-softmax keeps a
+    second one for the backward (2 GiB each at 8 x 2048 x 32768), then the backward writes two more: the loss costs
+    the step several passes over the largest tensors it has. Compiled, the upcast, log-softmax and target gather fuse
+    into per-row reductions over the logits as they are, and the backward writes the logits' gradient in one pass.
+    ``compile_blocks`` leaves the head and loss eager; ``parcae train --compile`` calls both. ``dynamic=None`` (the
+    default) suits Trainer's varying sequence lengths; ``dynamic=False`` fixed-length rows. Idempotent.
+    """
+    if not isinstance(getattr(type(model), "loss_function", None), property):
+        raise ValueError(f"{type(model).__name__} has no loss_function to compile (pass the transformers model, "
+                         "not a wrapper)")
+    loss_function = model.loss_function
+    loss_function = getattr(loss_function, "_torchdynamo_orig_callable", loss_function)
+    model.loss_function = torch.compile(loss_function, backend=backend, mode=mode, dynamic=dynamic)
+    return model

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM
-from modeling_parcae.compilation import blocks_are_compiled, compile_blocks, parcae_blocks
+from modeling_parcae.compilation import blocks_are_compiled, compile_blocks, compile_loss, parcae_blocks
 
 
 class RecordingBackend:
@@ -77,11 +77,12 @@ def test_sampled_depths_reuse_one_graph_per_kind_of_block_call():
 
 
 def test_compiled_training_step_equals_eager_and_a_new_depth_does_not_recompile():
-    """Inductor on CPU, fp32: loss within 1e-5 and every gradient within 1e-5 + 1e-4 relative of the eager step
-    (inductor fuses and reorders float32 sums; measured here: the same loss, gradients within 4e-8)."""
+    """``parcae train --compile``'s set-up (blocks and loss compiled) with inductor on CPU, fp32: loss within 1e-5 and
+    every gradient within 1e-5 + 1e-4 relative of the eager step (inductor fuses and reorders float32 sums; measured
+    here: the same loss, gradients within 4e-8)."""
     eager = tiny_model().train()
     compiled = copy.deepcopy(eager)
-    compile_blocks(compiled, dynamic=False)
+    compile_loss(compile_blocks(compiled, dynamic=False), dynamic=False)
     input_ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     state = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))  # the same initial state for both
     for model in (eager, compiled):
@@ -134,6 +135,70 @@ def test_a_whole_model_compile_in_training_compiles_the_loop_by_regions(batch_si
     for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_a_compiled_loss_is_one_graph_for_every_sampled_depth_and_equals_the_eager_loss():
+    """``compile_loss`` alone, on a left-padded batch with masked labels: one graph call per step (the head's logits
+    have one shape whatever the depth), no new graph after the first step across several sampled depths, and loss
+    and gradients equal the eager model's (the recording backend runs the traced graph as it is)."""
+    eager = tiny_model().train()
+    backend = RecordingBackend()
+    compiled = compile_loss(copy.deepcopy(eager), backend=backend, dynamic=False)
+    input_ids = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :6] = attention_mask[2, :1] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    depths, graphs_after_each_step = set(), []
+    for step in range(5):
+        calls_before = backend.calls
+        torch.manual_seed(step)
+        loss = compiled(input_ids, attention_mask=attention_mask, labels=labels).loss
+        torch.manual_seed(step)
+        reference = eager(input_ids, attention_mask=attention_mask, labels=labels)
+        assert backend.calls - calls_before == 1
+        torch.testing.assert_close(loss, reference.loss, atol=1e-6, rtol=0)
+        loss.backward()
+        reference.loss.backward()
+        depths.add(int(reference.num_loops.max()))
+        graphs_after_each_step.append(backend.graphs)
+    assert len(depths) >= 2, depths
+    assert graphs_after_each_step == [1] * 5, graphs_after_each_step
+    for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+    compile_loss(compiled, backend=backend)  # again: the original loss function is compiled, not the compiled one
+    assert compiled.loss_function._torchdynamo_orig_callable is eager.loss_function
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_an_inductor_compiled_loss_under_bf16_autocast_equals_the_eager_loss(batch_size):
+    """Inductor's fused cross-entropy over bf16 logits (what a bf16 GPU run computes) against transformers' eager
+    loss, which upcasts the logits to float32 first: both take the log-softmax in float32 of the same bf16 logits,
+    so the losses agree within 1e-5 (measured: within 5e-7; a bf16 log-softmax is 3e-3 to 5e-2 off) and the head's
+    gradient within bf16 rounding (1e-2 relative; measured: equal) -- at batch 1 and on a left-padded batch of 3
+    with masked labels."""
+    eager = tiny_model().train()
+    compiled = compile_loss(copy.deepcopy(eager), dynamic=False)
+    input_ids = torch.randint(3, 128, (batch_size, 16), generator=torch.Generator().manual_seed(6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :batch_size] = 0  # batch 3: three masked positions in the first row; batch 1: one
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    state = torch.randn(batch_size, 16, 32, generator=torch.Generator().manual_seed(7))
+    losses = []
+    for model in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(input_ids, attention_mask=attention_mask, labels=labels, num_loops=(1, 2),
+                            initial_state=state)
+        assert outputs.logits.dtype == torch.bfloat16
+        outputs.loss.backward()
+        losses.append(outputs.loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled.lm_head.weight.grad, eager.lm_head.weight.grad, atol=1e-4, rtol=1e-2)
+
+
+def test_compile_loss_rejects_a_module_without_a_loss_function():
+    with pytest.raises(ValueError, match="no loss_function"):
+        compile_loss(torch.nn.Linear(2, 2))
 
 
 def test_state_dict_keys_and_module_tree_are_unchanged():
@@ -225,13 +290,14 @@ def trainer_losses(model, output_dir, count_graphs=None, **compile_args) -> tupl
 
 
 def test_trainer_trains_compiled_blocks_like_eager_without_recompiling(tmp_path):
-    """Stock ``transformers.Trainer`` on a model passed through ``compile_blocks`` (``torch_compile`` left off):
-    per-step losses equal the eager Trainer's within 1e-6 (the recording backend runs the captured graphs, so this
-    checks capture and the optimizer loop, not kernels), with sampled depths, and steps 2-4 compile nothing new."""
+    """Stock ``transformers.Trainer`` on a model passed through ``compile_blocks`` and ``compile_loss``
+    (``torch_compile`` left off): per-step losses equal the eager Trainer's within 1e-6 (the recording backend runs
+    the captured graphs, so this checks capture and the optimizer loop, not kernels), with sampled depths and
+    Trainer's ``num_items_in_batch`` passed to the loss, and steps 2-4 compile nothing new."""
     backend = RecordingBackend()
     eager_losses, _ = trainer_losses(tiny_model(), tmp_path / "eager")
-    compiled_losses, graphs_per_step = trainer_losses(compile_blocks(tiny_model(), backend=backend),
-                                                      tmp_path / "compiled", lambda: backend.graphs)
+    compiled = compile_loss(compile_blocks(tiny_model(), backend=backend), backend=backend)
+    compiled_losses, graphs_per_step = trainer_losses(compiled, tmp_path / "compiled", lambda: backend.graphs)
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-6)
     assert backend.grad_modes == {True, False}  # the no-grad and the gradient loops run compiled
     assert graphs_per_step == [graphs_per_step[0]] * 4 and graphs_per_step[0] > 0, graphs_per_step

@@ -27,7 +27,7 @@ OVERRIDES = [f"training.max_steps={STEPS}", "training.global_batch_size=8", "che
              f"eval.every_steps={STEPS}", "eval.depths=[1,4]", "training.compile_backend=aot_eager"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-COMPILING = "compiling each block (aot_eager)"
+COMPILING = "compiling each block and the loss (aot_eager)"
 # aot_eager runs the traced aten ops (per-step losses equal eager's exactly on this machine); the margin covers
 # AOTAutograd decompositions that regroup a reduction on other CPUs or torch releases
 LOSS_TOLERANCE = 1e-4

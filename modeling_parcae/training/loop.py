@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, load_preset, load_tokenizer
 
 from modeling_parcae.atomic import write_atomically
-from modeling_parcae.compilation import compile_blocks
+from modeling_parcae.compilation import compile_blocks, compile_loss
 from modeling_parcae.inputs import local_path_or_hub_id
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
 from modeling_parcae.training.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, save_final_model
@@ -136,7 +136,9 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         # before prepare, so DDP/FSDP2 wrap the compiled blocks and their hooks stay outside the graphs; dynamic=False
         # as the official recipe: every step has the same shapes
         compile_blocks(model, backend=settings.compile_backend, dynamic=False)
-        process.print(f"compiling each block ({settings.compile_backend}); the first step includes the compile")
+        compile_loss(model, backend=settings.compile_backend, dynamic=False)
+        process.print(f"compiling each block and the loss ({settings.compile_backend}); the first step includes the "
+                      f"compile")
     mixed_precision = resolve_mixed_precision(settings.mixed_precision)
     if mixed_precision != settings.mixed_precision:
         process.print(f"training.mixed_precision={settings.mixed_precision} needs a bf16-capable GPU: training in "
