@@ -354,6 +354,10 @@ def test_tiny_recipe_trains_and_loss_falls(reference_run):
     depths = [records[step]["train/depth"] for step in records]  # mean sampled depth of each step (Poisson, mean 4)
     assert len(set(depths)) > 3 and 3.0 <= sum(depths) / len(depths) <= 5.0
     assert any((output / "logs").rglob("events.out.tfevents.*"))  # TensorBoard tracker
+    # tiny-cpu's 1/1/1 layout owns a value-embedding table and gate that no block pairs up; one process: no DDP
+    unused = ("these parameters never receive a gradient in this layout and keep their initial values: "
+              "model.core.0.self_attn.ve_gate.weight, model.value_embeddings.0.weight")
+    assert unused in reference_run[1].stdout
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000012", "step-00000016"]
 
 
@@ -428,6 +432,7 @@ def test_two_process_ddp_matches_one_process(reference_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output / "checkpoints" / "step-00000016" / "random_states_1.pkl").exists()  # really two processes
+    assert result.stdout.count("keep their initial values (DDP is told to expect that): model.core.0.") == 1
     one, two = metrics(reference), metrics(output)
     assert sorted(two) == sorted(one)
     for step in one:

@@ -128,8 +128,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     model = build_model(recipe.model, tokenizer)
     unused = parameters_without_gradient(model)
     if unused and process.is_main_process:
-        print("these parameters never receive a gradient in this architecture (DDP will skip them): "
-              + ", ".join(unused))
+        print("these parameters never receive a gradient in this layout and keep their initial values"
+              + (" (DDP is told to expect that)" if world > 1 else "") + ": " + ", ".join(unused))
     set_seed(recipe.seed)  # the probe drew random initial states: restart the stream so runs depend on the seed only
     model.train()
     if resolve_compile(settings.compile):
