@@ -293,6 +293,36 @@ def test_user_stopping_criteria_end_generation(word_model):
     assert out.shape == (1, 8)
 
 
+def test_official_random_initial_state_on_a_left_padded_batch_keeps_rows_and_padding_apart(word_model, tmp_path):
+    """Batch 2, left-padded, the official random initial state drawn for every token of prompt and decode: with the
+    same random stream, a row's cached greedy decode does not depend on the other row's tokens, nor a padded row's on
+    what its masked positions hold. (Batch 1 against batch 2 is not comparable here: the official like-init draws
+    randn over the whole batch before its truncated normal, so row 0's noise depends on the batch size.)"""
+    word_model.save_pretrained(tmp_path)
+    official = ParcaeForCausalLM.from_pretrained(tmp_path, inference_state_init="config").eval()
+    tokens = torch.randint(3, 288, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def decode(second_row: torch.Tensor, seed: int = 0):
+        torch.manual_seed(seed)
+        out = greedy(official, torch.stack([tokens[0], second_row]), 3, max_new_tokens=6, attention_mask=mask,
+                     pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+        return out.sequences, torch.stack(out.scores, dim=1)
+
+    sequences, scores = decode(tokens[1])
+    other_sequences, other_scores = decode(tokens[2])
+    assert torch.equal(sequences[0], other_sequences[0])
+    torch.testing.assert_close(scores[0], other_scores[0], atol=1e-6, rtol=0)
+    assert not torch.equal(scores[1], other_scores[1])  # the second row did change
+    repadded = tokens[1].clone()
+    repadded[:3] = torch.tensor([0, 5, 9])  # other content at the masked positions
+    padded_sequences, padded_scores = decode(repadded)
+    assert torch.equal(padded_sequences[:, 7:], sequences[:, 7:])
+    torch.testing.assert_close(padded_scores, scores, atol=1e-6, rtol=0)
+    assert not torch.equal(decode(tokens[1], seed=1)[1], scores)  # the noise is in effect: another stream
+
+
 def test_official_random_initial_state_while_decoding_is_opt_in_and_seedable(word_model, tmp_path):
     word_model.save_pretrained(tmp_path)
     official = ParcaeForCausalLM.from_pretrained(tmp_path, inference_state_init="config").eval()
