@@ -137,8 +137,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         # as the official recipe: every step has the same shapes
         compile_blocks(model, backend=settings.compile_backend, dynamic=False)
         compile_loss(model, backend=settings.compile_backend, dynamic=False)
-        process.print(f"compiling each block and the loss ({settings.compile_backend}); the first step includes the "
-                      f"compile")
+        process.print(f"compiling each block and the loss ({settings.compile_backend}); the first step includes "
+                      "the compile")
     mixed_precision = resolve_mixed_precision(settings.mixed_precision)
     if mixed_precision != settings.mixed_precision:
         process.print(f"training.mixed_precision={settings.mixed_precision} needs a bf16-capable GPU: training in "
