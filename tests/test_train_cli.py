@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import EXCERPT, FIXTURES, REPO_ROOT
 from modeling_parcae.training.checkpoint import latest_checkpoint, save_checkpoint
@@ -68,6 +69,8 @@ def test_bundled_recipes_load_and_build_their_config(name):
     recipe = load_recipe(name)
     config = load_preset(recipe.model.preset, **recipe.model.config) if recipe.model.preset else \
         ParcaeConfig(**recipe.model.config)
+    # CUDA's flash-attention kernel takes head sizes that are multiples of 8, up to 256
+    assert config.head_dim % 8 == 0 and config.head_dim <= 256
     if name == "tiny-cpu":
         return
     # official launch configs (``launch_configs/*.yaml``)
@@ -230,6 +233,46 @@ def tiny_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+
+
+class _AttentionKernelCalls(TorchDispatchMode):
+    """The attention kernels a step dispatches to, each with its arguments by name (tensors as their dtypes, as
+    autocast hands them over; defaults filled in from the kernel's schema)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "scaled_dot_product" in func.name():
+            named = {argument.name: argument.default_value for argument in func._schema.arguments}
+            named.update(zip(named, args), **kwargs)
+            self.calls.append((func.name(), {name: value.dtype if isinstance(value, torch.Tensor) else value
+                                             for name, value in named.items()}))
+        return func(*args, **kwargs)
+
+
+def test_training_step_attention_is_the_flash_kernel_form_under_bf16_autocast(tiny_tokenizer):
+    """`parcae train`'s step under bf16 autocast (its GPU default) hands attention bf16 queries, keys and values,
+    causal, with no mask: the form CUDA's flash kernel takes (a mask or a float32 operand would send it to the
+    memory-efficient or math kernel). On CPU the same dispatch picks the CPU flash kernel, so every forward and
+    backward attention call must be that kernel, in that form."""
+    from modeling_parcae.training.loop import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_recipe("tiny-cpu").model, tiny_tokenizer).train()
+    assert model.config._attn_implementation == "sdpa"
+    rows = torch.randint(0, model.config.vocab_size, (4, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16), _AttentionKernelCalls() as kernels:
+        model(input_ids=rows[:, :-1], shift_labels=rows[:, 1:]).loss.backward()  # as in the training loop
+    names = [name for name, _ in kernels.calls]
+    forward = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert names.count(forward) >= 3 and set(names) == {forward, forward + "_backward"}, names
+    for name, arguments in kernels.calls:
+        if name == forward:
+            assert [arguments[operand] for operand in ("query", "key", "value")] == [torch.bfloat16] * 3, arguments
+            assert arguments["is_causal"] and arguments["attn_mask"] is None and arguments["dropout_p"] == 0.0
 
 
 def test_packing_separates_documents_with_eos(tiny_tokenizer):
