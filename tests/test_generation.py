@@ -61,13 +61,17 @@ def test_cached_greedy_equals_uncached_on_a_random_model(loops, word_model):
 @pytest.mark.numerics
 @pytest.mark.parametrize("case", PARCAE_CASES)
 def test_cached_greedy_equals_uncached_and_official_tokens_on_golden_cases(case):
+    """Cached and uncached logits within 1e-5 up to 8 loops, 4e-5 at 16: the loop carries the two kernel paths'
+    float32 rounding into every later iteration, and linear_oddcore's linear injection amplifies it (at 16 loops each
+    path is about 1e-5 from a float64 forward, and the two 1.4e-5 apart, on an Intel Xeon with AVX-512 and AMX; under
+    3e-6 at 8 loops). A cache fault moves logits by orders of magnitude more."""
     model = load_golden_model(case)
     reference = load_reference(case)
     prompt = reference["greedy_prompt"]
     for loops in (1, 4, 8, 16):
         kwargs = dict(num_loops=loops, max_new_tokens=10, attention_mask=torch.ones_like(prompt))
         tokens, logits = greedy_with_logits(model, prompt, **kwargs)
-        agrees_with(model, prompt, (tokens, logits), use_cache=False, **kwargs)
+        agrees_with(model, prompt, (tokens, logits), atol=1e-5 if loops <= 8 else 4e-5, use_cache=False, **kwargs)
         if loops in (1, 4, 8):  # official tokens, logits within the golden 1e-4: equal up to a near tie of ours
             assert_greedy_agrees(tokens, logits, reference[f"greedy_zero_{loops}"][:, prompt.shape[1]:], None,
                                  atol=1e-4)
