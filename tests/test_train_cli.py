@@ -253,7 +253,8 @@ class _AttentionKernelCalls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_training_step_attention_is_the_flash_kernel_form_under_bf16_autocast(tiny_tokenizer):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_training_step_attention_is_the_flash_kernel_form_under_bf16_autocast(tiny_tokenizer, batch):
     """`parcae train`'s step under bf16 autocast (its GPU default) hands attention bf16 queries, keys and values,
     causal, with no mask: the form CUDA's flash kernel takes (a mask or a float32 operand would send it to the
     memory-efficient or math kernel). On CPU the same dispatch picks the CPU flash kernel, so every forward and
@@ -263,7 +264,7 @@ def test_training_step_attention_is_the_flash_kernel_form_under_bf16_autocast(ti
     torch.manual_seed(0)
     model = build_model(load_recipe("tiny-cpu").model, tiny_tokenizer).train()
     assert model.config._attn_implementation == "sdpa"
-    rows = torch.randint(0, model.config.vocab_size, (4, 33))
+    rows = torch.randint(0, model.config.vocab_size, (batch, 33))
     with torch.autocast("cpu", dtype=torch.bfloat16), _AttentionKernelCalls() as kernels:
         model(input_ids=rows[:, :-1], shift_labels=rows[:, 1:]).loss.backward()  # as in the training loop
     names = [name for name, _ in kernels.calls]
