@@ -1,11 +1,12 @@
 # Idempotent entry points: `make demo` (set up, then the main job), `make test` (set up, then the suite but its slow
-# lanes) and `make test-slow` (the slow lanes: multi-process training, golden CORE evaluation, the executable docs).
+# lanes), `make test-slow` (the slow lanes: multi-process training, golden CORE evaluation, the executable docs) and
+# `make test-versions` (the compact suite on every supported transformers release).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test test-slow torch
+.PHONY: setup demo test test-slow test-versions torch
 
 setup: $(VENV)/.installed
 
@@ -36,3 +37,8 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow or docs"
+
+# The compact suite (marker `versions`) on every supported transformers release, each in its own environment cached
+# under $(PARCAE_ENV_CACHE) (default ~/.cache/parcae-transformers/envs); .ci/transformers_lane.py says how.
+test-versions: setup
+	$(BIN)/python .ci/transformers_lane.py

@@ -28,6 +28,7 @@ BUNDLE = REPO.parent / "shared" / "eval_bundle"
 LOOP_COUNTS = (4, 8, 16)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adaptive import heldout_rows, load  # noqa: E402  (the sibling benchmark's model and data loading)
+from modeling_parcae.transformers_compat import CACHE_NAME, cache_of  # noqa: E402
 
 
 def machine() -> str:
@@ -66,11 +67,11 @@ def stepwise_heldout(model, tokenizer, rows: list[list[int]], mode: str, loops: 
 @torch.inference_mode()
 def generate(model, prompts: torch.Tensor, mode: str, loops: int, new_tokens: int = 32):
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts), num_loops=loops,
-                         cache=make_cache(model, mode, loops), max_new_tokens=new_tokens,
+                         **{CACHE_NAME: make_cache(model, mode, loops)}, max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
     from modeling_parcae.cache_parcae import cache_memory_bytes
 
-    return out.sequences[:, prompts.shape[1]:], cache_memory_bytes(out.cache)
+    return out.sequences[:, prompts.shape[1]:], cache_memory_bytes(cache_of(out))
 
 
 def core(model, tokenizer, tasks, mode: str, loops: int) -> float:

@@ -2,8 +2,8 @@
 
 Official checkpoints have no ``model_type`` in ``config.json`` and other weight names, so transformers' Auto classes
 cannot read them, and this package does not change that: ``import modeling_parcae`` leaves every transformers class
-as it is. The two explicit paths are :func:`from_pretrained_or_official` (the package binds it as
-``modeling_parcae.ParcaeForCausalLM.from_pretrained``) and ``parcae convert``. Either recognises the official format,
+as it is, nor any method of the classes it exports. The two explicit paths are :func:`from_pretrained_or_official`
+(``modeling_parcae.from_pretrained_or_official``) and ``parcae convert``. Either recognises the official format,
 converts it once into the Hub cache (``<HF_HUB_CACHE>/parcae-converted/<repo>--<commit>``) and loads the converted
 directory. :func:`load_tokenizer` is the tokenizer counterpart. None of this is in the remote-code files saved next
 to checkpoints, which hold the modeling code only.
@@ -23,7 +23,6 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from modeling_parcae.conversion.convert import convert_official_to_transformers
 from modeling_parcae.conversion.official_format import WEIGHT_FILES, is_official_config
 from modeling_parcae.conversion.tokenizer import OFFICIAL_TOKENIZER_REPO, load_official_tokenizer
-from modeling_parcae.inputs import naming_damaged_weights
 
 
 logger = logging.getLogger(__name__)
@@ -87,18 +86,18 @@ def maybe_load_official_tokenizer(pretrained_model_name_or_path: str | Path, **h
         return None
 
 
-def from_pretrained_or_official(cls: type[PreTrainedModel], pretrained_model_name_or_path, *model_args, **kwargs):
-    """``PreTrainedModel.from_pretrained`` that also accepts official checkpoints, converted once and cached.
+def from_pretrained_or_official(pretrained_model_name_or_path: str | Path, *model_args,
+                                model_class: type[PreTrainedModel] | None = None, **kwargs) -> PreTrainedModel:
+    """``model_class.from_pretrained`` (default ``ParcaeForCausalLM``) for a transformers-native Parcae checkpoint,
+    and for an official ``parcae_lm`` one too: converted once into the Hub cache, then loaded from there.
 
-    Bound as ``modeling_parcae.ParcaeForCausalLM.from_pretrained`` by the package (not by the modeling file, which is
-    also the remote code and must not depend on the converter).
+    A function of the package, not a method of the model class: the class is also the remote code saved next to
+    checkpoints, which must load the same wherever the converter is absent.
     """
-    if pretrained_model_name_or_path is None:
-        return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+    if model_class is None:
+        from modeling_parcae.modeling_parcae import ParcaeForCausalLM as model_class
     converted = maybe_convert_official(pretrained_model_name_or_path, **kwargs)
-    pretrained_model_name_or_path = converted or pretrained_model_name_or_path
-    with naming_damaged_weights(pretrained_model_name_or_path):  # safetensors' own error names no file
-        return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+    return model_class.from_pretrained(converted or pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 def load_tokenizer(pretrained_model_name_or_path: str | Path, **kwargs) -> PreTrainedTokenizerBase:

@@ -10,7 +10,7 @@ import inspect
 import torch
 
 from modeling_parcae.dtypes import torch_dtype
-from modeling_parcae.inputs import naming_damaged_weights
+from modeling_parcae.modeling_parcae import naming_damaged_weights
 
 
 def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float32"):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from modeling_parcae.eval.modelio import accepts_logits_to_keep, depth_kwargs, is_looped, logits_at_depths
 from modeling_parcae.scoring import pad_right
+from modeling_parcae.transformers_compat import cache_of
 
 RowScore = tuple[float, int, bool]
 
@@ -193,7 +194,7 @@ def _forward_batch(model, batch: list[_Document], pad_id: int, depths: list[int 
     # right padding: no real prefix position sees a pad, so the prefix needs no mask (fused causal attention); the
     # rows' own forward below masks the padded prefix positions out
     out = model(input_ids=prefix_ids, use_cache=True, **cache, **_keep(keep_logits, 1), **kwargs)
-    cache = out.cache
+    cache = cache_of(out)
     owner = torch.tensor([i for i, d in enumerate(batch) for _ in d.rows], device=device)
     cache.batch_select_indices(owner)
     own_ids, own_mask = pad_right([r.tokens[d.prefix:] for d in batch for r in d.rows], pad_id, device)

@@ -1,9 +1,9 @@
 """Parcae looped language models for Hugging Face transformers.
 
 Importing this package registers ``model_type="parcae"`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM`` (transformers' own registry; no transformers function is replaced). The package's
-``ParcaeForCausalLM.from_pretrained`` additionally accepts official ``parcae_lm`` checkpoints (converted once, then
-cached); the remote-code copy of the class saved next to checkpoints does not.
+``AutoModelForCausalLM`` (transformers' own registry; no transformers function and no method of the exported classes
+is replaced), so ``ParcaeForCausalLM`` behaves the same imported from here and loaded as remote code. Official
+``parcae_lm`` checkpoints load through :func:`from_pretrained_or_official` (converted once, then cached).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -23,8 +23,6 @@ AutoModelForCausalLM.register(ParcaeConfig, ParcaeForCausalLM, exist_ok=True)
 ParcaeConfig.register_for_auto_class()
 ParcaeModel.register_for_auto_class("AutoModel")
 ParcaeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-# Official checkpoints through the package's class only: the converter is not part of the remote code.
-ParcaeForCausalLM.from_pretrained = classmethod(from_pretrained_or_official)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -36,6 +34,7 @@ __all__ = [
     "ParcaeSlotMap",
     "demo_model_path",
     "eval_tasks_path",
+    "from_pretrained_or_official",
     "list_presets",
     "load_preset",
     "load_tokenizer",

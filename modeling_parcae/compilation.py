@@ -29,8 +29,6 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-# the cache argument of a block under either transformers release (``cache`` from 5.24, ``past_key_values`` before)
-_CACHE_NAMES = ("cache", "past_key_values")
 # graphs per compiled code object before dynamo gives up and runs eagerly: the block graphs multiply with value
 # embedding or not, grad mode, cache or not, prefill or decode shapes and kept positions (the official recipe also
 # raises it to 64)
@@ -76,10 +74,9 @@ class _CompiledBlockForward:
         self.block, self.compiled_forward = block, compiled_forward
 
     def __call__(self, *args, **kwargs):
-        for name in _CACHE_NAMES:
-            if kwargs.get(name) is not None:
-                kwargs[name] = _slot_view(kwargs[name], kwargs.get("cache_slot"))
-                kwargs["cache_slot"] = 0  # the slot lives in the view: one constant for every execution
+        if kwargs.get("cache") is not None:
+            kwargs["cache"] = _slot_view(kwargs["cache"], kwargs.get("cache_slot"))
+            kwargs["cache_slot"] = 0  # the slot lives in the view: one constant for every execution
         return self.compiled_forward(self.block, *args, **kwargs)
 
 
@@ -135,6 +132,7 @@ def compile_loss(model: nn.Module, *, backend: str = "inductor", mode: str | Non
         raise ValueError(f"{type(model).__name__} has no loss_function to compile (pass the transformers model, "
                          "not a wrapper)")
     loss_function = model.loss_function
-    loss_function = getattr(loss_function, "_torchdynamo_orig_callable", loss_function)
+    loss_function = getattr(loss_function, "uncompiled", loss_function)  # compiled before: compile the original
     model.loss_function = torch.compile(loss_function, backend=backend, mode=mode, dynamic=dynamic)
+    model.loss_function.uncompiled = loss_function
     return model

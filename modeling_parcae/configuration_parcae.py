@@ -15,6 +15,8 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
+from .transformers_compat import CACHE_NAME
+
 
 def _alternate_ending_on_last(index: int, count: int) -> bool:
     """The official value-embedding rule ``has_ve``: every other layer, always including the last one."""
@@ -57,7 +59,11 @@ class ParcaeConfig(PreTrainedConfig):
         sampling_scheme / recurrent_iteration_method: how training samples the depth (and whether per batch,
             sequence or token).
         depth_sampling_seed: base seed of the depth sampler (official 514229, offset by the training step).
-        num_loops: test-time loop count, default ``mean_recurrence``; ``from_pretrained(path, num_loops=N)`` sets it.
+        num_loops: test-time loop count, default ``mean_recurrence``; ``from_pretrained(path, num_loops=N)`` sets it
+            (under vLLM: ``hf_overrides={"num_loops": N}``, fixed per engine).
+        vllm_kv_layout: serving with vLLM (docs/serving.md): ``exact`` gives every executed block its own KV, as
+            transformers' cache; ``shared-loop`` one KV per physical block, every loop overwriting it (bounded
+            memory, the approximation of ``ParcaeSharedLoopCache``).
         train_num_loops: fixed training depth instead of sampling (``None``: sample per ``sampling_scheme``).
         looped: ``False`` builds the paper's Transformer baseline (official GPT class).
         original_vocab_size / padding_multiple: the official unpadded vocabulary and padding, kept for conversion.
@@ -65,7 +71,7 @@ class ParcaeConfig(PreTrainedConfig):
 
     model_type = "parcae"
     # output fields Trainer's evaluation leaves out of the predictions (which are then the logits alone, as for Llama)
-    keys_to_ignore_at_inference = ["cache", "num_loops"]
+    keys_to_ignore_at_inference = [CACHE_NAME, "num_loops"]
     # Tensor parallelism shards the MLPs of every stage (transformers matches ``<stage>.<digit>.`` as ``<stage>.*.``).
     # Attention stays replicated: value embeddings are added to ``v`` per kv head, and transformers' embedding styles
     # gather an embedding's output to every rank, so a head-sharded ``v_proj`` would meet a full-width value
@@ -112,6 +118,7 @@ class ParcaeConfig(PreTrainedConfig):
     recurrent_iteration_method: Literal["per-batch", "per-sequence", "per-token"] = "per-sequence"
     depth_sampling_seed: int = 514229
     num_loops: int | None = None
+    vllm_kv_layout: Literal["exact", "shared-loop"] = "exact"
     train_num_loops: int | None = None
     looped: bool = True
     original_vocab_size: int | None = None
@@ -207,9 +214,32 @@ class ParcaeConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def num_hidden_layers(self) -> int:
+    def num_physical_layers(self) -> int:
         """Physical (parameter-owning) blocks: prelude + core + coda."""
         return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """The physical blocks; under vLLM (``attn_implementation="vllm"``) the KV cache layers it must allocate,
+        one per *executed* block (prelude + num_loops x core + coda), or per physical block with
+        ``vllm_kv_layout="shared-loop"``. vLLM sizes its paged KV cache from this number."""
+        if getattr(self, "_attn_implementation", None) == "vllm":
+            return self.vllm_kv_layer(self.num_prelude_layers + self.num_loops * self.num_core_layers
+                                      + self.num_coda_layers - 1) + 1
+        return self.num_physical_layers
+
+    def vllm_kv_layer(self, slot: int) -> int:
+        """vLLM's KV layer of the cache slot ``slot`` (``ParcaeSlotMap`` numbering at ``num_loops``): the slot itself
+        (exact), or with ``vllm_kv_layout="shared-loop"`` its physical block, whose one KV every loop overwrites (the
+        bounded approximation of ``ParcaeSharedLoopCache``: exact prefill, approximate decoding)."""
+        if self.vllm_kv_layout == "exact":
+            return slot
+        first_coda = self.num_prelude_layers + self.num_loops * self.num_core_layers
+        if slot < self.num_prelude_layers:
+            return slot
+        if slot >= first_coda:
+            return slot - first_coda + self.num_prelude_layers + self.num_core_layers
+        return self.num_prelude_layers + (slot - self.num_prelude_layers) % self.num_core_layers
 
     @property
     def initializer_range(self) -> float:
@@ -229,13 +259,13 @@ class ParcaeConfig(PreTrainedConfig):
         for index in range(count):
             has_gate = _alternate_ending_on_last(gate_offset + index, gate_depth)
             table = table_offset + index
-            has_table = _alternate_ending_on_last(table, self.num_hidden_layers)
+            has_table = _alternate_ending_on_last(table, self.num_physical_layers)
             specs.append(BlockSpec(stage, index, has_gate, str(table) if has_gate and has_table else None))
         return specs
 
     def value_embedding_table_indices(self) -> list[int]:
         """Block indices among prelude + core + coda that own a value-embedding table."""
-        total = self.num_hidden_layers
+        total = self.num_physical_layers
         return [index for index in range(total) if _alternate_ending_on_last(index, total)]
 
 

@@ -12,7 +12,7 @@ import torch
 
 from modeling_parcae.bundled import demo_model_path, model_path_or_name
 from modeling_parcae.configuration_parcae import validate_num_loops
-from modeling_parcae.inputs import check_device, local_path_or_hub_id, naming_damaged_weights
+from modeling_parcae.inputs import check_device, local_path_or_hub_id
 from modeling_parcae.dtypes import DTYPES, torch_dtype
 
 
@@ -92,6 +92,7 @@ def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_th
     from transformers import DynamicCache
 
     from modeling_parcae.cache_parcae import ParcaeSharedLoopCache
+    from modeling_parcae.transformers_compat import CACHE_NAME
 
     cache = DynamicCache(config=model.config) if kv_mode == "exact" else ParcaeSharedLoopCache()
     extra = {} if exit_threshold is None else {"exit_threshold": exit_threshold}
@@ -99,7 +100,7 @@ def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_th
     start = time.perf_counter()
     try:
         output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_loops=num_loops,
-                                return_dict_in_generate=True, cache=cache, **extra, **kwargs)
+                                return_dict_in_generate=True, **{CACHE_NAME: cache}, **extra, **kwargs)
     finally:
         mean_loops = counter.close()
     seconds = time.perf_counter() - start
@@ -117,10 +118,8 @@ def _report(tok_per_s: float, mean_loops: float, cache) -> str:
 def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from modeling_parcae.conversion.hub import load_tokenizer
-
     from modeling_parcae.configuration_parcae import ParcaeConfig
-    from modeling_parcae.modeling_parcae import ParcaeForCausalLM
+    from modeling_parcae.conversion.hub import from_pretrained_or_official, load_tokenizer
 
     loop_counts = parse_loop_list(args.compare_loops) if args.compare_loops else None
     if args.num_loops is not None:
@@ -144,8 +143,7 @@ def run(args: argparse.Namespace) -> int:
             f"maximum context of {limit} positions"
         )
 
-    with naming_damaged_weights(model_path):
-        model = ParcaeForCausalLM.from_pretrained(model_path, dtype=torch_dtype(args.dtype)).to(args.device).eval()
+    model = from_pretrained_or_official(model_path, dtype=torch_dtype(args.dtype)).to(args.device).eval()
     prompt_ids = prompt_ids.to(args.device)
     sampling = _sampling_kwargs(args)
     if loop_counts is None:

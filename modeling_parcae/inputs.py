@@ -5,8 +5,6 @@ before anything heavy runs: a device that is not there, a local path that does n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +55,3 @@ def read_json_file(path: str | Path, what: str) -> Any:
                          "is it truncated?") from None
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path} is not UTF-8 text") from None
-
-
-@contextmanager
-def naming_damaged_weights(model_path: str | Path) -> Iterator[None]:
-    """Turn safetensors' "incomplete metadata, file not fully covered" (which names no file) into an error naming
-    the damaged weights file of ``model_path`` (a local directory; for a Hub id the cached file is named)."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as error:
-        damaged = [str(path) for path in sorted(Path(model_path).glob("*.safetensors")) if not _opens(path)]
-        where = ", ".join(damaged) if damaged else f"the weights of {model_path}"
-        raise ValueError(f"{where} is truncated or corrupt ({error})") from None
-
-
-def _opens(path: Path) -> bool:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt"):
-            return True
-    except SafetensorError:
-        return False

@@ -12,8 +12,10 @@ This file is part of the remote code copied next to saved checkpoints: it import
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -22,20 +24,18 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .adaptive_parcae import ExitPolicy
 from .cache_parcae import ParcaeSlotMap, prepare_cache
 from .chunked_loss import chunked_linear_cross_entropy
 from .configuration_parcae import BlockSpec, ParcaeConfig, validate_num_loops
+from .transformers_compat import accepts_either_cache_name, cache_field, cache_of, causal_mask
 
 
 logger = logging.get_logger(__name__)
@@ -153,6 +153,22 @@ class ParcaeMLP(nn.Module):
         return self.down_proj(HalfReLUSquared.apply(self.up_proj(x)))
 
 
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in plain torch (``attn_implementation="eager"``, the one that returns the weights), as Llama's: keys
+    and values repeated over query groups, softmax in float32. Output ``(B, T, heads, D)``, weights ``(B, heads, T, S)``."""
+    groups = module.num_key_value_groups
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class ParcaeAttention(nn.Module):
     """Causal self-attention with value embeddings, interleaved RoPE and a weightless qk-norm after RoPE."""
 
@@ -182,11 +198,13 @@ class ParcaeAttention(nn.Module):
         cache_slot: int | None = None,
         value_embedding: torch.Tensor | None = None,
         positions_to_keep: int = 0,
+        slot_attention: "ParcaeSlotAttention | None" = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``positions_to_keep`` > 0: queries (and the output) for the last that many positions only; keys and values
         of every position are still computed and cached. The model then passes an explicit mask (``None`` would let
-        a lone query attend every key, unwritten static-cache slots included), of which the kept rows are used."""
+        a lone query attend every key, unwritten static-cache slots included), of which the kept rows are used.
+        ``slot_attention``: under vLLM, the attention of this execution of the block (its own KV cache there)."""
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         cos, sin = position_embeddings
         query_states, query_cos, query_sin = hidden_states, cos, sin
@@ -199,7 +217,7 @@ class ParcaeAttention(nn.Module):
         key = self.k_proj(hidden_states).view(hidden_shape)
         value = self.v_proj(hidden_states).view(hidden_shape)
         if value_embedding is not None and self.ve_gate is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(hidden_states[..., : self.ve_gate.in_features]))
+            gate = 2 * torch.sigmoid(self.ve_gate(hidden_states[..., : self.config.value_embedding_gate_channels]))
             value = value + gate.unsqueeze(-1) * value_embedding.view(hidden_shape)
 
         # q and k together, as the official code (one float32 round trip, not two), token-major: the heads keep the
@@ -215,12 +233,15 @@ class ParcaeAttention(nn.Module):
             key, value = cache.update(key, value, cache_slot)
 
         unpack_rows = kwargs.pop("unpack_attention_rows", None)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
-        )
+        if slot_attention is not None:
+            attn_output, attn_weights = slot_attention(query, key, value, attention_mask, **kwargs)
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+            )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         if unpack_rows is not None and attn_weights is not None:
             attn_weights = unpack_rows(attn_weights)
@@ -231,6 +252,31 @@ class ParcaeAttention(nn.Module):
         as the official code)."""
         states = apply_interleaved_rotary(states, cos, sin)
         return F.rms_norm(states, (self.head_dim,)) if self.config.qk_norm else states
+
+
+class ParcaeSlotAttention(nn.Module):
+    """The attention call of one *executed* block, without parameters: built under vLLM alone.
+
+    vLLM's Transformers backend gives its own KV cache to every module that calls the attention interface and has an
+    integer ``layer_idx``, one for each index below ``config.num_hidden_layers``. A core block runs once per loop, so
+    its projections stay in :class:`ParcaeAttention` and each of its executions calls the slot module of its cache
+    slot (``ParcaeSlotMap`` numbering): every loop attends over its own keys and values, exactly as transformers' cache.
+    """
+
+    def __init__(self, config: ParcaeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.scaling = config.head_dim**-0.5
+        self.is_causal = True
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
+                                   **kwargs)
 
 
 class ParcaeDecoderLayer(GradientCheckpointingLayer):
@@ -441,7 +487,7 @@ def _random_state(method: str, embeds: torch.Tensor, shape: tuple[int, ...], std
 def check_forward_inputs(config: ParcaeConfig, input_ids, inputs_embeds, attention_mask, initial_state,
                          past_length: int) -> None:
     """A ``ValueError`` naming the argument instead of a torch error deep inside (or, for a mask of the wrong length,
-    silently different logits). One host sync for the token-id range (and a float mask's values): not when compiling."""
+    silently different logits). Types and shapes only: reads no tensor value, so it costs no host sync."""
     named = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
              "initial_state": initial_state}
     for name, value in named.items():
@@ -458,24 +504,85 @@ def check_forward_inputs(config: ParcaeConfig, input_ids, inputs_embeds, attenti
     batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if seq_len == 0 or batch_size == 0:
         raise ValueError(f"the input is empty: batch {batch_size}, seq_len {seq_len}")
-    if input_ids is not None and bool(((input_ids < 0) | (input_ids >= config.vocab_size)).any()):
-        raise ValueError(f"input_ids must lie in [0, vocab_size={config.vocab_size}), got values from "
-                         f"{int(input_ids.min())} to {int(input_ids.max())}")
     if attention_mask is not None:
         if attention_mask.shape[0] != batch_size:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]}, input has {batch_size}")
-        if attention_mask.ndim == 2:
-            if attention_mask.shape[1] not in (seq_len, past_length + seq_len):
-                raise ValueError(
-                    f"attention_mask has length {attention_mask.shape[1]}; expected the input length {seq_len} or "
-                    f"cached + input length {past_length + seq_len}")
-            if attention_mask.dtype.is_floating_point and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                raise ValueError("a 2-D attention_mask holds 1 (attend) and 0 (padding); got other values")
-        elif attention_mask.ndim != 4:
+        if attention_mask.ndim == 2 and attention_mask.shape[1] not in (seq_len, past_length + seq_len):
+            raise ValueError(
+                f"attention_mask has length {attention_mask.shape[1]}; expected the input length {seq_len} or "
+                f"cached + input length {past_length + seq_len}")
+        if attention_mask.ndim not in (2, 4):
             raise ValueError(f"attention_mask must be 2-D (batch, length) or 4-D, got {attention_mask.ndim}-D")
     if initial_state is not None and tuple(initial_state.shape) != (batch_size, seq_len, config.state_size):
         raise ValueError(f"initial_state must have shape (batch, seq_len, state_size) = "
                          f"{(batch_size, seq_len, config.state_size)}, got {tuple(initial_state.shape)}")
+
+
+def check_servable_by_vllm(config: ParcaeConfig) -> None:
+    """What vLLM's Transformers backend cannot serve of this config, refused at load rather than served wrong: it sizes
+    every KV layer with the config's heads (the core blocks must have the same), applies no ``logit_softcap`` (it
+    builds its own head), and takes the loop count as given (``hf_overrides`` skips the config's validation)."""
+    validate_num_loops(config.num_loops)
+    heads = {config.num_attention_heads, config.num_key_value_heads, config.core_num_attention_heads}
+    if len(heads) > 1:
+        raise ValueError(f"vLLM sizes every KV layer alike: this config has {config.num_attention_heads} attention "
+                         f"heads, {config.num_key_value_heads} key/value heads and {config.core_num_attention_heads} "
+                         "core heads; it serves only where the three are equal")
+    if config.logit_softcap is not None:
+        raise ValueError("vLLM's Transformers backend computes the logits with its own head and would leave "
+                         f"logit_softcap={config.logit_softcap} out; this checkpoint cannot be served exactly by it")
+
+
+def check_cache_type(cache) -> None:
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"the KV cache must be a transformers Cache (DynamicCache, StaticCache, ...), got "
+                        f"{type(cache).__name__}")
+
+
+def token_ids_out_of_range(config: ParcaeConfig, token_ids: torch.Tensor, name: str = "input_ids") -> ValueError:
+    return ValueError(f"{name} must lie in [0, vocab_size={config.vocab_size}), got values from "
+                      f"{int(token_ids.min())} to {int(token_ids.max())}")
+
+
+def check_input_values(config: ParcaeConfig, input_ids, attention_mask, initial_state) -> None:
+    """The checks that read tensor values (one host sync each), run once per sequence: on its first forward (no
+    cached tokens yet), not on the decode steps that follow, whose tokens the model produced itself."""
+    if input_ids is not None and bool(((input_ids < 0) | (input_ids >= config.vocab_size)).any()):
+        raise token_ids_out_of_range(config, input_ids)
+    if attention_mask is not None and attention_mask.ndim == 2:
+        if attention_mask.dtype.is_floating_point and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("a 2-D attention_mask holds 1 (attend) and 0 (padding); got other values")
+        empty = (attention_mask == 0).all(-1)
+        if bool(empty.any()):
+            raise ValueError(f"row {int(empty.nonzero()[0, 0])} of the batch has no token (its attention_mask is all "
+                             "zeros, e.g. an empty prompt padded to the others): remove it from the batch")
+    if initial_state is not None and not bool(torch.isfinite(initial_state).all()):
+        raise ValueError("initial_state holds NaN or infinite values; every position would inherit them")
+
+
+@contextmanager
+def naming_damaged_weights(model_path: str | Path | None) -> Iterator[None]:
+    """Turn safetensors' "incomplete metadata, file not fully covered" (which names no file) into an error naming
+    the damaged weights file of ``model_path`` (a local directory; for a Hub id the cached file is named)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        folder = Path(model_path) if model_path is not None else None
+        damaged = [str(path) for path in sorted(folder.glob("*.safetensors")) if not _opens(path)] if folder else []
+        where = ", ".join(damaged) if damaged else f"the weights of {model_path}"
+        raise ValueError(f"{where} is truncated or corrupt ({error})") from None
+
+
+def _opens(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 class ParcaePreTrainedModel(PreTrainedModel):
@@ -492,6 +599,13 @@ class ParcaePreTrainedModel(PreTrainedModel):
     # a decode step with a static cache traces as one graph (the loop count is a Python int, unrolled)
     _can_compile_fullgraph = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, naming the damaged weights file where safetensors cannot read one (its
+        own error names none)."""
+        with naming_damaged_weights(pretrained_model_name_or_path):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Validate the config first (transformers copies the remote-code files before it: an invalid edited config
         would leave only those). Remote code names the base model for ``AutoModel`` too (transformers: only the saved
@@ -505,7 +619,10 @@ class ParcaePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The official "scaled-zero" init (paper §3, official ``init_weights``): orthogonal matrices with std
-        sqrt(2/(5d)) but where :func:`with_init` tags another rule; the diagonal injection at decay sqrt(1/5), B = I."""
+        sqrt(2/(5d)) but where :func:`with_init` tags another rule; the diagonal injection at decay sqrt(1/5), B = I.
+        Nothing to do on the meta device, where vLLM builds the model before it loads the weights."""
+        if any(parameter.is_meta for parameter in module.parameters(recurse=False)):
+            return
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             weight = module.weight
@@ -530,21 +647,29 @@ class ParcaePreTrainedModel(PreTrainedModel):
         else:  # norms at one, RoPE tables recomputed: transformers' own rules
             super()._init_weights(module)
 
-    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
         """Resize the token embedding (and the tied head) as transformers does, and every value-embedding table with
-        it: the tables are indexed by token id too, so a new token must get a row in each."""
-        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        it: the tables are indexed by token id too, so a new token must get a row in each. Old rows are kept; new
+        rows are the old rows' mean (``mean_resizing``, transformers' default for the token embedding) or drawn by the
+        table's own rule, N(0, 1)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         tables = self.base_model.value_embeddings
         for key, table in tables.items():
-            old_rows = table.weight.shape[0]
-            resized = self._get_resized_embeddings(table, embeddings.weight.shape[0], mean_resizing=mean_resizing)
-            added = resized.weight.shape[0] - old_rows
-            if added > 0 and not mean_resizing:  # transformers drew the new rows on an untagged table: use this one's
-                rows = with_init(nn.Embedding(added, resized.weight.shape[1]), table.parcae_init)
-                self._init_weights(rows)
-                resized.weight.data[old_rows:] = rows.weight.data
-            tables[key] = resized.requires_grad_(table.weight.requires_grad)
+            tables[key] = self._resized_table(table, embeddings.weight.shape[0], mean_resizing)
         return embeddings
+
+    def _resized_table(self, table: nn.Embedding, rows: int, mean_resizing: bool) -> nn.Embedding:
+        old = table.weight.detach()
+        resized = with_init(nn.Embedding(rows, old.shape[1], device=old.device, dtype=old.dtype), table.parcae_init)
+        kept = min(rows, old.shape[0])
+        with torch.no_grad():
+            if rows > kept and mean_resizing:
+                resized.weight[kept:] = old.float().mean(0).to(old.dtype)
+            elif rows > kept:
+                self._init_weights(resized)
+            resized.weight[:kept] = old[:kept]
+        return resized.requires_grad_(table.weight.requires_grad)
 
 
 class ParcaeModel(ParcaePreTrainedModel):
@@ -569,6 +694,11 @@ class ParcaeModel(ParcaePreTrainedModel):
         self.value_embeddings = nn.ModuleDict({str(index): with_init(nn.Embedding(config.vocab_size, kv_dim), "normal")
                                                for index in config.value_embedding_table_indices()})
         self.rotary_emb = ParcaeRotaryEmbedding(config)
+        self.slot_attention = None
+        if config._attn_implementation == "vllm":
+            check_servable_by_vllm(config)
+            self.slot_attention = nn.ModuleList(ParcaeSlotAttention(config, index)
+                                                for index in range(config.num_hidden_layers))
         # Training-time depth sampler position; advanced after every sampled forward, saved/restored by training code.
         self.depth_sampling_step = 0
         self.gradient_checkpointing = False
@@ -577,7 +707,7 @@ class ParcaeModel(ParcaePreTrainedModel):
     def _build_stage(self, stage: str, count: int) -> nn.ModuleList:
         return nn.ModuleList(ParcaeDecoderLayer(self.config, spec) for spec in self.config.block_specs(stage, count))
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_either_cache_name
     @capture_outputs
     def forward(
         self,
@@ -636,16 +766,16 @@ class ParcaeModel(ParcaePreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"the KV cache must be a transformers Cache (DynamicCache, StaticCache, ...), got "
-                            f"{type(cache).__name__}")
+        check_cache_type(cache)
         past_length = cache.get_seq_length() if cache is not None else 0
         if not torch.compiler.is_compiling():
             check_forward_inputs(self.config, input_ids, inputs_embeds, attention_mask, initial_state, past_length)
+            if past_length == 0:
+                check_input_values(self.config, input_ids, attention_mask, initial_state)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self._embed(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
         keep = self._positions_to_keep(positions_to_keep, seq_len, output_hidden_states, kwargs)
         if use_cache is None:
@@ -655,6 +785,11 @@ class ParcaeModel(ParcaePreTrainedModel):
         schedule, output_depths = self._depth_policy(num_loops, output_depths, exit_threshold, batch_size, seq_len,
                                                      cache, attention_mask, past_length)
         slot_map = ParcaeSlotMap.for_config(self.config, schedule.num_loops if self.looped else 0, output_depths)
+        if self.slot_attention is not None and (cache is not None or output_depths is not None or exit_threshold
+                                                is not None or schedule.num_loops != self.config.num_loops):
+            raise ValueError("under vLLM the loop count is the engine's (hf_overrides={'num_loops': N}), for every "
+                             "request; per-call num_loops, output_depths, exit_threshold and a transformers cache are "
+                             "not available there")
         if cache is not None:
             prepare_cache(cache, slot_map)
 
@@ -662,12 +797,12 @@ class ParcaeModel(ParcaePreTrainedModel):
                                           inputs_embeds.device)
         mask_arguments = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                               cache=cache, position_ids=position_ids)
-        causal_mask = create_causal_mask(**mask_arguments)
-        block_kwargs = dict(attention_mask=causal_mask, position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
+        attention_bias = causal_mask(**mask_arguments)
+        block_kwargs = dict(attention_mask=attention_bias, position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
                             cache=cache, **kwargs)
         # trimmed queries read rows of an explicit mask: sdpa's implicit one cannot align them to the right keys
-        last_block_mask = (create_causal_mask(**mask_arguments, allow_is_causal_skip=False)
-                           if keep and causal_mask is None else causal_mask)
+        last_block_mask = (causal_mask(**mask_arguments, allow_is_causal_skip=False)
+                           if keep and attention_bias is None else attention_bias)
         value_embeddings = self._lookup_value_embeddings(input_ids)
         all_hidden_states = [inputs_embeds] if output_hidden_states else None
 
@@ -701,7 +836,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         return ParcaeModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            cache=cache if use_cache else None,
+            **cache_field(cache if use_cache else None),
             num_loops=schedule.loops_run,
             depth_hidden_states=depth_hidden_states,
         )
@@ -741,6 +876,8 @@ class ParcaeModel(ParcaePreTrainedModel):
             trim = {}
             if keep and index == len(blocks) - 1:
                 trim = {"positions_to_keep": keep, "attention_mask": last_block_mask}
+            if self.slot_attention is not None:
+                trim["slot_attention"] = self.slot_attention[self.config.vllm_kv_layer(slot)]
             hidden_states = block(hidden_states, value_embeddings.get(block.spec.value_embedding_key),
                                   cache_slot=slot, **{**block_kwargs, **trim})
             if record is not None:
@@ -825,9 +962,9 @@ class ParcaeModel(ParcaePreTrainedModel):
         padding that is ``arange``: no host sync). Past the trained context, one warning, as in transformers' decoders."""
         if (self.rotary_emb.rope_type == "default" and not torch.compiler.is_compiling()
                 and past_length + seq_len > self.config.max_position_embeddings):
-            logger.warning_once(
-                f"The sequence ({past_length + seq_len} positions) is longer than the context this model was trained "
-                f"for (max_position_embeddings={self.config.max_position_embeddings}); quality may degrade past it. "
+            logger.warning_once(  # one text for every length: warning_once repeats a message that differs
+                "The sequence is longer than the context this model was trained for (max_position_embeddings="
+                f"{self.config.max_position_embeddings}); quality may degrade past it. "
                 "A RoPE scaling (rope_parameters={'rope_type': 'linear' | 'dynamic' | 'yarn', 'factor': ...}) extends "
                 "the context.")
         if position_ids is not None:
@@ -835,6 +972,14 @@ class ParcaeModel(ParcaePreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == past_length + seq_len:
             return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
         return torch.arange(past_length, past_length + seq_len, device=device).expand(batch_size, -1)
+
+    def _embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """The token embedding, with the clear error for an id out of range also where the value check did not run
+        (a forward with a filled cache); on an accelerator such an id is the device's own assertion."""
+        try:
+            return self.embed_tokens(input_ids)
+        except IndexError as error:
+            raise token_ids_out_of_range(self.config, input_ids) from error
 
     def _lookup_value_embeddings(self, input_ids: torch.LongTensor | None) -> dict[str, torch.Tensor]:
         """Value embeddings by table key, for the tables some block mixes in (looked up once, reused by every loop)."""
@@ -879,9 +1024,17 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         self.model = ParcaeModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._float16_training_checked = False
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def train(self, mode: bool = True) -> "ParcaeForCausalLM":
+        """Entering training mode re-arms the float16 check (run by the next training forward, then not again:
+        ``Trainer`` calls ``train()`` every step, and a scan of every parameter per step buys nothing)."""
+        if mode and not self.training:
+            self._float16_training_checked = False
+        return super().train(mode)
+
+    @accepts_either_cache_name
     @can_return_tuple
     def forward(
         self,
@@ -920,8 +1073,9 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         >>> logits = model(input_ids, num_loops=16).logits   # more compute per token, same parameters
         >>> model.generate(input_ids, num_loops=4, max_new_tokens=20)
         ```"""
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not self._float16_training_checked:
             self._refuse_float16_training()
+            self._float16_training_checked = True
         shift_labels = kwargs.pop("shift_labels", None)  # not a named argument: Trainer would take it for a label
         reference = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and tuple(labels.shape) != tuple(reference.shape[:2]):
@@ -949,8 +1103,9 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
                                  "and neither logit_softcap nor logits_to_keep")
             targets = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=-100)[:, 1:]
             loss = chunked_linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, targets)
-            return ParcaeCausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, cache=outputs.cache,
-                                                attentions=outputs.attentions, num_loops=outputs.num_loops)
+            return ParcaeCausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states,
+                                                attentions=outputs.attentions, num_loops=outputs.num_loops,
+                                                **cache_field(cache_of(outputs)))
         logits = self._logits(outputs.last_hidden_state, logits_to_keep)
         depth_logits = None
         if outputs.depth_hidden_states is not None:
@@ -958,8 +1113,14 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None or shift_labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      shift_labels=None if shift_labels is None else shift_labels.contiguous(), **kwargs)
+            try:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          shift_labels=None if shift_labels is None else shift_labels.contiguous(),
+                                          **kwargs)
+            except IndexError as error:  # torch's "Target 300 is out of bounds" (on an accelerator: a device assert)
+                targets = labels if labels is not None else shift_labels
+                raise token_ids_out_of_range(self.config, targets[targets != -100], "labels (other than -100)") \
+                    from error
 
         return ParcaeCausalLMOutputWithPast(
             loss=loss,
@@ -968,20 +1129,28 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             num_loops=outputs.num_loops,
             depth_logits=depth_logits,
-            cache=outputs.cache,
+            **cache_field(cache_of(outputs)),
         )
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, with a KV cache that is no transformers ``Cache`` refused as ``forward`` refuses
+        it (transformers itself would fail inside, on an attribute of the object)."""
+        for name in ("cache", "past_key_values"):
+            check_cache_type(kwargs.get(name))
+        return super().generate(*args, **kwargs)
 
     def _logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype, as Llama returns them (the official code casts them to float32: in bf16 that
         copy costs more than a block at the 140M shape, and transformers' losses and ``generate`` upcast what they
         read). A soft cap is applied in float32, as officially."""
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # 0: every position
+        logits = self.lm_head(hidden_states[:, kept])
         if self.config.logit_softcap is not None:
             logits = self.config.logit_softcap * torch.tanh(logits.float() / self.config.logit_softcap)
         return logits
 
     def _refuse_float16_training(self) -> None:
-        """float16 weights overflow in training without float32 master weights (the loss diverges, then NaN), which
+        """Once per entry into training mode (see :meth:`train`): float16 weights overflow in training without float32 master weights (the loss diverges, then NaN), which
         neither Trainer nor the optimizers add; a float16 checkpoint (the demo ships one) is trained in float32 with
         fp16/bf16 autocast instead. Frozen float16 weights (LoRA on a float16 base) are fine."""
         half = [name for name, parameter in self.named_parameters()

@@ -121,12 +121,18 @@ def official_layout(tmp_path_factory):
 
 
 def site_packages_without_this_project(folder: Path) -> Path:
-    """``folder`` filled with links to this venv's site-packages entries, minus this project's editable install and
-    the ``.pth`` files: on ``PYTHONPATH`` of a ``python -S`` it gives every dependency but not the checkout."""
+    """``folder`` filled with links to this venv's site-packages entries, minus this project (installed or editable)
+    and the ``.pth`` files, plus the entries of the folders those files add (the version lane's shared torch): on
+    ``PYTHONPATH`` of a ``python -S`` it gives every dependency but not the checkout."""
     folder.mkdir()
+    site_dirs = list(site.getsitepackages())
     for site_dir in site.getsitepackages():
+        for pth in Path(site_dir).glob("*.pth"):
+            site_dirs += [line for line in pth.read_text().splitlines() if Path(line).is_dir()
+                          and not Path(line).resolve().is_relative_to(REPO_ROOT)]
+    for site_dir in site_dirs:
         for entry in os.listdir(site_dir):
-            if "parcae" not in entry.lower() and not entry.endswith(".pth"):
+            if "parcae" not in entry.lower() and not entry.endswith(".pth") and not (folder / entry).exists():
                 os.symlink(os.path.join(site_dir, entry), folder / entry)
     return folder
 

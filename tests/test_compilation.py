@@ -210,6 +210,7 @@ def test_state_dict_keys_and_module_tree_are_unchanged():
     assert not blocks_are_compiled(tiny_model())
 
 
+@pytest.mark.versions
 def test_inference_with_a_cache_does_not_recompile_when_num_loops_changes():
     """Prefill (no cache), cached prefill and greedy generation with the dynamic and the static cache (both written
     inside the graphs), and a cache whose own ``update`` runs eagerly between two graphs: logits equal eager ones

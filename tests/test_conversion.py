@@ -10,7 +10,7 @@ from conftest import GOLDEN, PARCAE_CASES, assert_logits_agree, golden_case_dir,
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modeling_parcae import ParcaeForCausalLM
+from modeling_parcae import ParcaeForCausalLM, from_pretrained_or_official
 from modeling_parcae.cli import main as parcae_main
 from modeling_parcae.conversion.official_format import OfficialFormatError, detect_architecture
 from modeling_parcae.conversion.push import push_converted
@@ -156,7 +156,7 @@ def test_on_the_fly_conversion_failure_raises_and_caches_nothing(tmp_path):
     del state["transformer.ln_f.weight"]
     torch.save(state, src / "model.pt")
     with pytest.raises(ValueError, match="missing keys.*model.norm.weight"):
-        ParcaeForCausalLM.from_pretrained(src, cache_dir=tmp_path / "cache")
+        from_pretrained_or_official(src, cache_dir=tmp_path / "cache")
     converted = tmp_path / "cache" / "parcae-converted"
     assert not converted.exists() or list(converted.iterdir()) == []
 

@@ -1,5 +1,9 @@
 """The bundled demo model: present, small, deterministic, and better with more loops on held-out text."""
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -43,3 +47,19 @@ def test_held_out_loss_is_lower_at_8_loops_than_at_1(demo):
     loss = {loops: bits_per_byte(model, tokenizer, documents, num_loops=loops, progress=False)["loss"]
             for loops in (1, 8)}
     assert loss[8] < loss[1], loss
+
+
+@pytest.mark.versions
+def test_demo_generates_alike_cached_and_uncached_and_reports_it_to_the_version_lane(demo):
+    """The demo's greedy continuation at 4 loops (fp32), cached and uncached, and the logits of its last step. The
+    version lane (``PARCAE_LANE_REPORT`` set) collects them from every transformers release and requires them equal."""
+    _, model, tokenizer = demo
+    ids = tokenizer(["ROMEO:", "JULIET: O"], return_tensors="pt", padding=True, padding_side="left")
+    runs = {use_cache: model.generate(**ids, num_loops=4, max_new_tokens=16, do_sample=False, use_cache=use_cache,
+                                      return_dict_in_generate=True, output_logits=True) for use_cache in (True, False)}
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    torch.testing.assert_close(runs[True].logits[-1], runs[False].logits[-1], atol=1e-4, rtol=0)
+    report = os.environ.get("PARCAE_LANE_REPORT")
+    if report:
+        Path(report).write_text(json.dumps({"tokens": runs[True].sequences.tolist(),
+                                            "last_logits": runs[True].logits[-1].tolist()}))

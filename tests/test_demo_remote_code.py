@@ -1,10 +1,11 @@
 """The bundled demo model loads through transformers alone: ``auto_map`` + remote code, no ``modeling_parcae``."""
 
 import json
-import site
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import site_packages_without_this_project
 from test_hub_loading import run_python
 from transformers import AutoTokenizer
 
@@ -32,6 +33,7 @@ print(json.dumps({{"module": type(model).__module__, "pipeline_module": type(gen
 """
 
 
+@pytest.mark.versions
 def test_demo_loads_and_generates_with_trust_remote_code_without_the_package(tmp_path):
     demo = demo_model_path()
     config = json.loads((demo / "config.json").read_text())
@@ -41,8 +43,8 @@ def test_demo_loads_and_generates_with_trust_remote_code_without_the_package(tmp
     ids = tokenizer(PROMPT, return_tensors="pt")
     expected = model.generate(**ids, num_loops=4, max_new_tokens=12, do_sample=False)[0]
 
-    # -I -S: no PYTHONPATH, no cwd, no .pth files (so the editable install is invisible); site-packages added by hand
-    site_packages = [path for path in site.getsitepackages() if Path(path).is_dir()]
+    # -I -S: no PYTHONPATH, no cwd, no .pth files; every dependency but this project added by hand
+    site_packages = [str(site_packages_without_this_project(tmp_path / "site"))]
     out = run_python(SCRIPT.format(site_packages=site_packages, demo=str(demo), prompt=PROMPT), tmp_path, "-I", "-S")
 
     assert out["module"].startswith("transformers_modules.") and out["pipeline_module"].startswith("transformers_modules.")

@@ -73,17 +73,20 @@ def _trainer(model, tokenizer, splits, output_dir, learning_rate=3e-3, **argumen
                    data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("gradient_checkpointing, train_num_loops", [(False, None), (True, 3)],
-                         ids=["sampled-depth", "checkpointing-fixed-depth"])
+@pytest.mark.parametrize("gradient_checkpointing, train_num_loops", [
+    pytest.param(False, None, id="sampled-depth", marks=pytest.mark.versions),
+    pytest.param(True, 3, id="checkpointing-fixed-depth"),  # ``activation_checkpointing``: the 5.24 name
+])
 def test_trainer_fine_tunes_saves_and_reloads(pretrained, tokenizer, splits, tmp_path, gradient_checkpointing,
                                               train_num_loops):
     model = AutoModelForCausalLM.from_pretrained(pretrained, train_num_loops=train_num_loops)
-    trainer = _trainer(model, tokenizer, splits, tmp_path / "out", activation_checkpointing=gradient_checkpointing)
+    checkpointing = {"activation_checkpointing": True} if gradient_checkpointing else {}
+    trainer = _trainer(model, tokenizer, splits, tmp_path / "out", **checkpointing)
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     assert after < before - 0.5, (before, after)
-    assert model.is_activation_checkpointing == gradient_checkpointing
+    assert model.model.gradient_checkpointing == gradient_checkpointing
     # 30 steps x 1 forward: the depth sampler advanced once per training forward, or not at all with a fixed depth
     assert model.model.depth_sampling_step == (30 if train_num_loops is None else 0)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from conftest import GOLDEN
 
-from modeling_parcae import ParcaeForCausalLM
+from modeling_parcae import from_pretrained_or_official
 from modeling_parcae.cli import main as parcae_main
 
 
@@ -74,17 +74,17 @@ def max_diff(model, case, loops=5):
     return (logits - expected).abs().max().item()
 
 out = {}
-out["class_140m"] = max_diff(ParcaeForCausalLM.from_pretrained("SandyResearch/parcae-140m"), "released_style")
+out["class_140m"] = max_diff(from_pretrained_or_official("SandyResearch/parcae-140m"), "released_style")
 out["notices_first_load"] = list(notices)
 notices.clear()
-out["class_140m_again"] = max_diff(ParcaeForCausalLM.from_pretrained("SandyResearch/parcae-140m"), "released_style")
+out["class_140m_again"] = max_diff(from_pretrained_or_official("SandyResearch/parcae-140m"), "released_style")
 out["notices_second_load"] = list(notices)
 try:  # transformers' own loader, untouched by the import: it cannot read the official config.json
     AutoModelForCausalLM.from_pretrained("SandyResearch/parcae-370m")
     out["auto_370m_error"] = None
 except (ValueError, OSError, KeyError) as error:
     out["auto_370m_error"] = type(error).__name__
-model_370m = ParcaeForCausalLM.from_pretrained("SandyResearch/parcae-370m")
+model_370m = from_pretrained_or_official("SandyResearch/parcae-370m")
 out["class_370m_type"] = type(model_370m).__name__
 out["class_370m"] = max_diff(model_370m, "linear_oddcore", loops=8)
 tokenizers = {repo: modeling_parcae.load_tokenizer(repo) for repo in

@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import tiny_model
 from transformers import DynamicCache
-from transformers.distributed.parallel_utils import _get_parameter_plan
 
 from modeling_parcae import ParcaeConfig, ParcaeForCausalLM, ParcaeModel
 from modeling_parcae.modeling_parcae import ParcaeRotaryEmbedding
@@ -30,6 +29,7 @@ def test_resize_token_embeddings_resizes_every_value_embedding_table_and_keeps_t
     assert logits.shape[-1] == old_vocab + 10 and torch.isfinite(logits).all()
 
 
+@pytest.mark.versions
 def test_output_attentions_lists_every_executed_block_in_execution_order():
     model = tiny_model(num_prelude_layers=1, num_core_layers=2, num_coda_layers=1)
     model.set_attn_implementation("eager")
@@ -72,6 +72,8 @@ def test_return_dict_false_gives_tuples_for_every_class():
 
 
 def test_tp_plan_resolves_on_the_real_parameter_names_with_transformers_matcher():
+    from transformers.distributed.parallel_utils import _get_parameter_plan  # the matcher of 5.24 (test only)
+
     model = tiny_model()
     plan = model.tp_plan
     styles = {name: _get_parameter_plan(name, plan, is_weight=True) for name, _ in model.named_parameters()}
@@ -150,4 +152,16 @@ def test_auto_model_is_registered_for_the_base_model():
     from transformers import AutoModel
 
     assert type(AutoModel.from_config(tiny_model().config)) is ParcaeModel
-    assert ParcaeForCausalLM.from_pretrained.__func__.__module__ == "modeling_parcae.conversion.hub"
+
+
+@pytest.mark.versions
+def test_the_package_face_leaves_the_exported_class_as_the_remote_code_has_it():
+    """Importing the package registers the classes and rebinds none of their methods: ``from_pretrained`` is the
+    modeling file's own (the remote code's), which calls transformers'; official checkpoints load through a function
+    whose name says so."""
+    import modeling_parcae
+    from modeling_parcae.modeling_parcae import ParcaePreTrainedModel
+
+    assert ParcaeForCausalLM.from_pretrained.__func__ is vars(ParcaePreTrainedModel)["from_pretrained"].__func__
+    assert ParcaeForCausalLM.from_pretrained.__func__.__module__ == "modeling_parcae.modeling_parcae"
+    assert modeling_parcae.from_pretrained_or_official.__module__ == "modeling_parcae.conversion.hub"

@@ -26,6 +26,7 @@ GOLDEN_LOOPS = (1, 2, 3, 5, 8, 12)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.numerics
 @pytest.mark.parametrize("case", PARCAE_CASES)
+@pytest.mark.versions
 def test_logits_match_official_for_every_loop_count(case):
     model = load_golden_model(case)
     reference = load_reference(case)
@@ -357,6 +358,7 @@ def test_the_other_official_init_rules_reach_their_layers():
 
 
 @pytest.mark.parametrize("mean_resizing", [True, False])
+@pytest.mark.versions
 def test_resizing_gives_the_new_value_embedding_rows_their_tables_distribution(mean_resizing):
     """As transformers resizes the token embedding: by default the added rows are the old rows' mean (sampled with a
     1e-9-scaled covariance); ``mean_resizing=False`` draws them by the table's own rule, N(0, 1) — transformers draws
@@ -389,6 +391,7 @@ def test_save_and_reload_is_exact(tmp_path):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+@pytest.mark.versions
 def test_trust_remote_code_load_without_this_package(tmp_path):
     model = tiny_model()
     ids = torch.randint(0, 256, (1, 7))
@@ -506,6 +509,7 @@ def test_package_imports_register_auto_classes():
     assert isinstance(model, ParcaeForCausalLM)
 
 
+@pytest.mark.versions
 def test_eager_and_sdpa_attention_agree_with_padding():
     reference = load_reference("released_style")
     ids = reference["input_ids"]

@@ -7,6 +7,8 @@ from transformers import CompileConfig
 
 from transformers import StaticCache
 
+from modeling_parcae.transformers_compat import cache_of
+
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7], [8, 1, 64, 33, 2, 19, 101]])
 
@@ -23,6 +25,7 @@ def test_static_cache_preallocates_one_fixed_slot_per_executed_block():
 
 
 @pytest.mark.numerics
+@pytest.mark.versions
 @pytest.mark.parametrize("loops", [1, 3])
 def test_generate_with_the_static_cache_equals_the_dynamic_cache(loops):
     """The static cache attends over its pre-allocated length (other kernels than the dynamic cache): logits of every
@@ -31,8 +34,8 @@ def test_generate_with_the_static_cache_equals_the_dynamic_cache(loops):
     dynamic_tokens, dynamic_logits = greedy_with_logits(model, IDS, num_loops=loops, max_new_tokens=6)
     static = model.generate(IDS, num_loops=loops, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                             output_logits=True, cache_implementation="static")
-    assert isinstance(static.cache, StaticCache)
-    assert static.cache.parcae_slot_map.num_loops == loops
+    assert isinstance(cache_of(static), StaticCache)
+    assert cache_of(static).parcae_slot_map.num_loops == loops
     assert_greedy_agrees(static.sequences[:, IDS.shape[1]:], torch.stack(static.logits, dim=1), dynamic_tokens,
                          dynamic_logits, atol=1e-5)
 
