@@ -28,7 +28,7 @@ from modeling_parcae.inputs import local_path_or_hub_id
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
 from modeling_parcae.training.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, save_final_model
 from modeling_parcae.training.data import RowStream, build_training_data
-from modeling_parcae.training.distributed import enable_fsdp_on_cpu, prepare_model_and_optimizers
+from modeling_parcae.training.distributed import enable_fsdp_on_cpu, fsdp_requested, prepare_model_and_optimizers
 from modeling_parcae.training.evaluation import validation_metrics
 from modeling_parcae.training.optim import (
     apply_schedule, build_optimizers, build_schedulers, set_muon_step_hyperparameters,
@@ -102,6 +102,16 @@ def parameters_without_gradient(model: torch.nn.Module) -> list[str]:
     return unused
 
 
+def unused_parameters_notice(unused: list[str], world: int) -> str:
+    """The console line naming the parameters without gradient, and how the data-parallel wrapper that runs takes
+    them: DDP must be told (``find_unused_parameters``), FSDP shards them with the rest."""
+    wrapper = ""
+    if world > 1:
+        wrapper = " (FSDP shards them with the others)" if fsdp_requested() else " (DDP is told to expect that)"
+    return f"these parameters never receive a gradient in this layout and keep their initial values{wrapper}: " + \
+        ", ".join(unused)
+
+
 def train(recipe: Recipe, resume: str | None = None) -> Path:
     """Run a recipe to the end; returns the folder of the final ``save_pretrained`` model.
 
@@ -131,8 +141,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     model = build_model(recipe.model, tokenizer)
     unused = parameters_without_gradient(model)
     if unused and process.is_main_process:
-        print("these parameters never receive a gradient in this layout and keep their initial values"
-              + (" (DDP is told to expect that)" if world > 1 else "") + ": " + ", ".join(unused))
+        print(unused_parameters_notice(unused, world))
     set_seed(recipe.seed)  # the probe drew random initial states: restart the stream so runs depend on the seed only
     model.train()
     if resolve_compile(settings.compile):
