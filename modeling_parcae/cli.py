@@ -37,11 +37,31 @@ class HelpWithDefaults(argparse.HelpFormatter):
         return f"{text} (default: {action.default})"
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: positionals may follow options (``parcae train tiny-cpu --resume key=value``, which plain
+    argparse refuses once an option has ended its first run of positionals), and an unknown option is reported with
+    the subcommand's usage instead of being handed back to the top-level parser, which would show its own."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args parses through this method, once per pass
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parcae", description="Parcae looped language models on transformers.")
     parser.add_argument("--version", action="version", version=f"parcae {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                       parser_class=functools.partial(argparse.ArgumentParser,
+                                       parser_class=functools.partial(SubcommandParser,
                                                                       formatter_class=HelpWithDefaults))
     modules = dict.fromkeys(
         SUBCOMMAND_MODULES[only] if only in SUBCOMMAND_MODULES else m for m in SUBCOMMAND_MODULES.values()

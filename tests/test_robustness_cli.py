@@ -338,3 +338,23 @@ def test_subcommands_still_reach_their_module_through_the_console_script(tmp_pat
     result = subprocess.run([str(script), "generate", "--temperature", "-1", "Hi"], cwd=tmp_path, env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert "--temperature must be >= 0" in one_error_line(result, "generate")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument order
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--compile", "--resume"])
+def test_overrides_may_follow_an_option(tmp_path, capsys, flag):
+    """Issue 36: `parcae train tiny-cpu --resume training.max_steps=50` failed with "unrecognized arguments" and the
+    top-level usage. The override after the flag now reaches the recipe (here: its type error, before any work)."""
+    line = one_error_line(in_process(capsys, "train", "tiny-cpu", flag, f"output_dir={tmp_path / 'run'}",
+                                     "training.max_steps=ten"), "train")
+    assert "training.max_steps must be of type int | None, got 'ten'" in line
+
+
+def test_an_unknown_option_is_reported_with_the_subcommands_usage(capsys):
+    """`parcae generate --do-sample` showed the top-level usage (`parcae [-h] [--version] COMMAND`)."""
+    code, err = in_process(capsys, "generate", "--do-sample", "ROMEO:")
+    assert code == 2
+    assert err.startswith("usage: parcae generate ") and "parcae generate: error: unrecognized arguments: --do-sample" \
+        in err
