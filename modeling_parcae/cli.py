@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(only=command).parse_args(argv)
+    _hide_weight_loading_bar()
     try:
         if args.command in SUBCOMMAND_EXTRAS:
             require_extra(SUBCOMMAND_EXTRAS[args.command], f"parcae {args.command}")
@@ -85,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line, however the library formatted it
         print(f"parcae {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _hide_weight_loading_bar() -> None:
+    """transformers draws a "Loading weights" bar on every model load: noise in a command that loads one model per
+    call. Its switch turns the Hub's download bars off as well; those (minutes for a large checkpoint) stay as the
+    user has them."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_bars_shown = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if hub_bars_shown:
+        enable_progress_bars()
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
