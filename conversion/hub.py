@@ -20,6 +20,7 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from modeling_parcae.conversion.checkpoint_folder import check_local_checkpoint
 from modeling_parcae.conversion.convert import convert_official_to_transformers
 from modeling_parcae.conversion.official_format import WEIGHT_FILES, is_official_config
 from modeling_parcae.conversion.tokenizer import OFFICIAL_TOKENIZER_REPO, load_official_tokenizer
@@ -97,6 +98,8 @@ def from_pretrained_or_official(cls: type[PreTrainedModel], pretrained_model_nam
         return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
     converted = maybe_convert_official(pretrained_model_name_or_path, **kwargs)
     pretrained_model_name_or_path = converted or pretrained_model_name_or_path
+    if not any(kwargs.get(name) is not None for name in ("gguf_file", "state_dict")):  # weights from elsewhere
+        check_local_checkpoint(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""))
     with naming_damaged_weights(pretrained_model_name_or_path):  # safetensors' own error names no file
         return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 

@@ -310,6 +310,9 @@ def test_push_uploads_a_complete_converted_directory_and_refuses_official_ones(t
     assert 'from_pretrained("me/parcae-tiny", trust_remote_code=True' in card
     with pytest.raises(ValueError, match="parcae convert"):
         push_converted(GOLDEN / "released_style" / "official", "me/x", api=RecordingHubApi())
+    (tmp_path / "hf" / "cache_parcae.py").unlink()  # a sibling the modeling code imports (issue 36)
+    with pytest.raises(FileNotFoundError, match=r"cache_parcae.py \(needed by modeling_parcae.py\)"):
+        push_converted(tmp_path / "hf", "me/x", api=RecordingHubApi())
     (tmp_path / "hf" / "modeling_parcae.py").unlink()
     with pytest.raises(FileNotFoundError, match="modeling_parcae.py"):
         push_converted(tmp_path / "hf", "me/x", api=RecordingHubApi())

@@ -358,3 +358,40 @@ def test_an_unknown_option_is_reported_with_the_subcommands_usage(capsys):
     assert code == 2
     assert err.startswith("usage: parcae generate ") and "parcae generate: error: unrecognized arguments: --do-sample" \
         in err
+
+
+def _demo_copy_without(tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    from modeling_parcae.bundled import demo_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_path(), model)
+    (model / name).unlink()
+    return model
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_folder_without_its_weights_file_says_what_is_missing_and_what_to_do(tmp_path, capsys, command):
+    """Issue 36: transformers' generic "Error no file named model.safetensors, or pytorch_model.bin" said neither
+    that the folder is incomplete nor how to mend it."""
+    model = _demo_copy_without(tmp_path, "model.safetensors")
+    text = tmp_path / "docs.txt"
+    text.write_text("To be, or not to be.\n")
+    args = (["generate", "--model", str(model), "Hi"] if command == "generate" else
+            ["eval", "--model", str(model), "--tasks", "bpb", "--text", str(text)])
+    line = one_error_line(in_process(capsys, *args), command)
+    assert f"{model} holds a config.json but no weights (model.safetensors," in line
+    assert "incomplete" in line and "save_pretrained" in line
+
+
+def test_a_folder_that_lost_a_remote_code_file_loads_here_with_a_warning_naming_it(tmp_path, caplog):
+    """The package loads the folder with its own code; without the package (trust_remote_code=True) it would fail
+    with "No such file or directory: .../cache_parcae.py", so the missing sibling is named where it loads here."""
+    import logging
+
+    model = _demo_copy_without(tmp_path, "cache_parcae.py")
+    with caplog.at_level(logging.WARNING):
+        assert parcae_main(["generate", "--model", str(model), "--max-new-tokens", "1", "Hi"]) == 0
+    assert "lacks remote code cache_parcae.py (needed by modeling_parcae.py)" in caplog.text
+    assert "trust_remote_code=True" in caplog.text
