@@ -98,22 +98,31 @@ def test_truncated_report_is_named_by_compare(tmp_path, capsys):
     assert f"report {cut} is not valid JSON (line 1, column" in line and "truncated" in line
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
-def test_truncated_weights_are_named_when_loading_a_model(tmp_path, capsys, command):
+def _demo_copy(tmp_path: Path) -> Path:
     import shutil
 
     from modeling_parcae.bundled import demo_model_path
 
     model = tmp_path / "model"
     shutil.copytree(demo_model_path(), model)
-    weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def _loading_error(tmp_path: Path, capsys, command: str, model: Path) -> str:
+    """The one error line of `parcae generate` or `parcae eval --tasks bpb` loading ``model``."""
     text = tmp_path / "docs.txt"
     text.write_text("To be, or not to be.\n")
     args = (["generate", "--model", str(model), "Hi"] if command == "generate" else
             ["eval", "--model", str(model), "--tasks", "bpb", "--text", str(text)])
-    line = one_error_line(in_process(capsys, *args), command)
-    assert f"{weights} is truncated or corrupt" in line
+    return one_error_line(in_process(capsys, *args), command)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_truncated_weights_are_named_when_loading_a_model(tmp_path, capsys, command):
+    model = _demo_copy(tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert f"{weights} is truncated or corrupt" in _loading_error(tmp_path, capsys, command, model)
 
 
 def test_compare_names_the_tasks_it_drops(tmp_path, capsys):
@@ -360,27 +369,13 @@ def test_an_unknown_option_is_reported_with_the_subcommands_usage(capsys):
         in err
 
 
-def _demo_copy_without(tmp_path: Path, name: str) -> Path:
-    import shutil
-
-    from modeling_parcae.bundled import demo_model_path
-
-    model = tmp_path / "model"
-    shutil.copytree(demo_model_path(), model)
-    (model / name).unlink()
-    return model
-
-
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_a_folder_without_its_weights_file_says_what_is_missing_and_what_to_do(tmp_path, capsys, command):
     """Issue 36: transformers' generic "Error no file named model.safetensors, or pytorch_model.bin" said neither
     that the folder is incomplete nor how to mend it."""
-    model = _demo_copy_without(tmp_path, "model.safetensors")
-    text = tmp_path / "docs.txt"
-    text.write_text("To be, or not to be.\n")
-    args = (["generate", "--model", str(model), "Hi"] if command == "generate" else
-            ["eval", "--model", str(model), "--tasks", "bpb", "--text", str(text)])
-    line = one_error_line(in_process(capsys, *args), command)
+    model = _demo_copy(tmp_path)
+    (model / "model.safetensors").unlink()
+    line = _loading_error(tmp_path, capsys, command, model)
     assert f"{model} holds a config.json but no weights (model.safetensors," in line
     assert "incomplete" in line and "save_pretrained" in line
 
@@ -390,7 +385,8 @@ def test_a_folder_that_lost_a_remote_code_file_loads_here_with_a_warning_naming_
     with "No such file or directory: .../cache_parcae.py", so the missing sibling is named where it loads here."""
     import logging
 
-    model = _demo_copy_without(tmp_path, "cache_parcae.py")
+    model = _demo_copy(tmp_path)
+    (model / "cache_parcae.py").unlink()
     with caplog.at_level(logging.WARNING):
         assert parcae_main(["generate", "--model", str(model), "--max-new-tokens", "1", "Hi"]) == 0
     assert "lacks remote code cache_parcae.py (needed by modeling_parcae.py)" in caplog.text
