@@ -34,7 +34,8 @@ def saved_recipe_path(checkpoint: Path) -> Path:
 def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (saved value, current value)}`` for every key whose value differs (or exists on one side)."""
     old, new = flatten_recipe(saved), flatten_recipe(_as_yaml(current))
-    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
+    keys = sorted(old.keys() | new.keys())
+    return {key: (old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)}
 
 
 def check_resumable(checkpoint: Path, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
