@@ -6,6 +6,7 @@ Both validate everything before writing and write through :func:`atomic_director
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from modeling_parcae.conversion.tokenizer import load_official_tokenizer
 from modeling_parcae.inputs import read_json_file
 
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_SHARD_SIZE = "2GB"
+MAX_NAMED_TENSORS = 10  # a diverged run has NaN everywhere: the warning names the first ones and counts the rest
 # what a tokenizer folder holds; the official loaders read tokenizer.json (+ the declared specials of the config)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -42,6 +46,7 @@ def convert_official_to_transformers(source_dir: str | Path, destination: str | 
     check_not_overlapping(source_dir, destination)
     remove_abandoned_staging(Path(destination))  # what a killed conversion left, even if this one fails early
     checkpoint = read_official_checkpoint(source_dir)
+    warn_non_finite(checkpoint.state_dict, source_dir)
     config = parcae_config_from_official(checkpoint.config, checkpoint.architecture)
     if checkpoint.config.get("name"):  # kept for the way back (the folder name is not the model's name)
         config.official_name = checkpoint.config["name"]
@@ -76,7 +81,9 @@ def convert_transformers_to_official(source_dir: str | Path, destination: str | 
     if is_official_config(read_config(source_dir)):
         raise ValueError(f"{source_dir} is already in the official format")
     config = ParcaeConfig.from_pretrained(source_dir)
-    official_state = hf_to_official(read_safetensors_checkpoint(source_dir), config, expected_hf_shapes(config))
+    state = read_safetensors_checkpoint(source_dir)
+    warn_non_finite(state, source_dir)
+    official_state = hf_to_official(state, config, expected_hf_shapes(config))
     name = getattr(config, "official_name", None) or source_dir.absolute().name
     official_config = official_config_from_parcae(config, name=name)
     with atomic_directory(destination, overwrite=overwrite) as staging:
@@ -86,6 +93,18 @@ def convert_transformers_to_official(source_dir: str | Path, destination: str | 
             if (source_dir / tokenizer_file).is_file():
                 shutil.copyfile(source_dir / tokenizer_file, staging / tokenizer_file)
     return Path(destination)
+
+
+def warn_non_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """A checkpoint with NaN or inf weights (a diverged run) converts faithfully, but the model it makes computes
+    NaN: the tensors are named, so that it is not published unnoticed, and the copy is still written for inspection."""
+    bad = [name for name, tensor in state.items()
+           if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(bad[:MAX_NAMED_TENSORS]) + (f" and {len(bad) - MAX_NAMED_TENSORS} more"
+                                                        if len(bad) > MAX_NAMED_TENSORS else "")
+        logger.warning("parcae convert: %s holds NaN or inf values in %d tensor(s): %s; the converted model will "
+                       "compute NaN (was the run that wrote it diverging?)", source, len(bad), shown)
 
 
 def read_safetensors_checkpoint(directory: Path) -> dict[str, torch.Tensor]:

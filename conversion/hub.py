@@ -20,6 +20,7 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from modeling_parcae.conversion.checkpoint_folder import check_local_checkpoint
 from modeling_parcae.conversion.convert import convert_official_to_transformers
 from modeling_parcae.conversion.official_format import WEIGHT_FILES, is_official_config
 from modeling_parcae.conversion.tokenizer import OFFICIAL_TOKENIZER_REPO, load_official_tokenizer
@@ -97,7 +98,10 @@ def from_pretrained_or_official(pretrained_model_name_or_path: str | Path, *mode
     if model_class is None:
         from modeling_parcae.modeling_parcae import ParcaeForCausalLM as model_class
     converted = maybe_convert_official(pretrained_model_name_or_path, **kwargs)
-    return model_class.from_pretrained(converted or pretrained_model_name_or_path, *model_args, **kwargs)
+    pretrained_model_name_or_path = converted or pretrained_model_name_or_path
+    if not any(kwargs.get(name) is not None for name in ("gguf_file", "state_dict")):  # weights from elsewhere
+        check_local_checkpoint(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""))
+    return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 def load_tokenizer(pretrained_model_name_or_path: str | Path, **kwargs) -> PreTrainedTokenizerBase:

@@ -137,6 +137,10 @@ def read_official_checkpoint(source: str | Path) -> OfficialCheckpoint:
     source = Path(source)
     directory = source.parent if source.is_file() else source
     config = read_config(directory)
+    if config.get("model_type") == "parcae":
+        raise OfficialFormatError(f"{directory} is already a transformers Parcae checkpoint (model_type 'parcae'): "
+                                  "it loads as it is; to write the official format, `parcae convert SRC DST --to "
+                                  "official`")
     if not is_official_config(config):
         kind = f"model_type {config['model_type']!r}" if "model_type" in config else "no n_embd field"
         raise OfficialFormatError(f"{directory}/config.json is not an official Parcae config ({kind})")

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
+from modeling_parcae.conversion.checkpoint_folder import missing_remote_code
 from modeling_parcae.conversion.model_card import REPO_PLACEHOLDER
 from modeling_parcae.conversion.official_format import is_official_config
 
 
-REQUIRED_FILES = ("config.json", "README.md", "configuration_parcae.py", "modeling_parcae.py")
+REQUIRED_FILES = ("config.json", "README.md")  # and the remote code config.json's auto_map names
 
 
 def check_publishable(directory: str | Path) -> None:
@@ -27,6 +28,7 @@ def check_publishable(directory: str | Path) -> None:
             raise ValueError(f"{directory} is an official checkpoint; run `parcae convert` first")
         if config.get("model_type") != "parcae" or "auto_map" not in config:
             raise ValueError(f"{directory}/config.json is not a Parcae transformers config with auto_map")
+        absent += missing_remote_code(directory)
     if absent:
         raise FileNotFoundError(f"{directory} lacks {', '.join(absent)}; is it the output of `parcae convert`?")
 

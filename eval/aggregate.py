@@ -117,10 +117,11 @@ def fit_all(results: dict[str, dict]) -> dict:
 def markdown_table(report: dict) -> str:
     """Tasks as rows, loop depths as columns: accuracy (± std over seeds), then CORE / Core-Extended and bpb."""
     loops = sorted(report["results"], key=int)
-    head = "| task | " + " | ".join(f"T={t}" for t in loops) + " |"
-    lines = [f"# {report['model']} — baselines {report['baselines']}, seeds {report['seeds']}", "", head,
-             "|---|" + "---|" * len(loops)]
     labels = [label for label in TASKS if any(label in report["results"][t].get("tasks", {}) for t in loops)]
+    # centering baselines and few-shot seeds apply to scored tasks only, not to a bits-per-byte-only run
+    title = f"baselines {report['baselines']}, seeds {report['seeds']}" if labels else "held-out text"
+    head = f"| {'task' if labels else 'metric'} | " + " | ".join(f"T={t}" for t in loops) + " |"
+    lines = [f"# {report['model']} — {title}", "", head, "|---|" + "---|" * len(loops)]
     for label in labels:
         cells = []
         for t in loops:

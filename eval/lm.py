@@ -22,6 +22,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from modeling_parcae.bundled import model_path_or_name
 from modeling_parcae.eval.modelio import is_looped, load_model_and_tokenizer
 from modeling_parcae.eval.modelio import max_length as model_max_length
 from modeling_parcae.eval.procedure import encode_with_bos
@@ -110,7 +111,9 @@ class ParcaeLM(LM):
             device = "cpu"  # lm-eval's CLI may pass its own default device
         if isinstance(pretrained, str):
             dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-            pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, device=device, dtype=dtype)
+            # `--model_args pretrained=demo` means the bundled demo, as `parcae eval --model demo` does
+            pretrained, loaded_tokenizer = load_model_and_tokenizer(model_path_or_name(pretrained), device=device,
+                                                                    dtype=dtype)
             tokenizer = tokenizer or loaded_tokenizer
         if tokenizer is None:
             raise ValueError("a tokenizer is required when passing a model object")

@@ -37,11 +37,31 @@ class HelpWithDefaults(argparse.HelpFormatter):
         return f"{text} (default: {action.default})"
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: positionals may follow options (``parcae train tiny-cpu --resume key=value``, which plain
+    argparse refuses once an option has ended its first run of positionals), and an unknown option is reported with
+    the subcommand's usage instead of being handed back to the top-level parser, which would show its own."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args parses through this method, once per pass
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parcae", description="Parcae looped language models on transformers.")
     parser.add_argument("--version", action="version", version=f"parcae {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                       parser_class=functools.partial(argparse.ArgumentParser,
+                                       parser_class=functools.partial(SubcommandParser,
                                                                       formatter_class=HelpWithDefaults))
     modules = dict.fromkeys(
         SUBCOMMAND_MODULES[only] if only in SUBCOMMAND_MODULES else m for m in SUBCOMMAND_MODULES.values()
@@ -55,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(only=command).parse_args(argv)
+    _hide_weight_loading_bar()
     try:
         if args.command in SUBCOMMAND_EXTRAS:
             require_extra(SUBCOMMAND_EXTRAS[args.command], f"parcae {args.command}")
@@ -65,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line, however the library formatted it
         print(f"parcae {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _hide_weight_loading_bar() -> None:
+    """transformers draws a "Loading weights" bar on every model load: noise in a command that loads one model per
+    call. Its switch turns the Hub's download bars off as well; those (minutes for a large checkpoint) stay as the
+    user has them."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_bars_shown = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if hub_bars_shown:
+        enable_progress_bars()
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

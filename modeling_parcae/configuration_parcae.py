@@ -9,11 +9,22 @@ This file is part of the remote code copied next to saved checkpoints: it import
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# keys of a config.json that are no field here yet load silently: transformers' own (its base class consumes or keeps
+# them; ``from_pretrained`` reads ``quantization_config``) and the name the converter keeps for the way back
+BOOKKEEPING_KEYS = frozenset({"auto_map", "model_type", "_name_or_path", "name_or_path", "_commit_hash", "torch_dtype",
+                              "attn_implementation", "experts_implementation", "output_attentions", "num_labels",
+                              "quantization_config", "official_name"})
 
 from .transformers_compat import CACHE_NAME
 
@@ -130,6 +141,8 @@ class ParcaeConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         _refuse_misspelt_fields(self, kwargs)
+        _warn_unknown_keys(self, kwargs)
+        _warn_if_written_by_newer_transformers(self.transformers_version)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.state_size is None:
@@ -156,10 +169,14 @@ class ParcaeConfig(PreTrainedConfig):
     def from_dict(cls, config_dict, **kwargs):
         """Validate again once ``from_pretrained(path, num_loops=0)``-style overrides are applied: transformers sets
         them as plain attributes after construction, past the class validators, and a bad value would otherwise
-        surface only in ``save_pretrained``, after it has written part of the directory."""
-        result = super().from_dict(config_dict, **kwargs)
-        (result[0] if isinstance(result, tuple) else result).validate()
-        return result
+        surface only in ``save_pretrained``, after it has written part of the directory. An override that matches no
+        field but nearly one (``num_loop=4``) is refused as the constructor refuses it: transformers would hand it on
+        to the model's ``__init__``, a bare ``TypeError``."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        _refuse_misspelt_fields(config, unused)
+        config.validate()
+        return (config, unused) if return_unused_kwargs else config
 
     # ----------------------------------------------------------------------------------------------------------
     # validation (called by @strict after __post_init__)
@@ -296,6 +313,29 @@ def _refuse_misspelt_fields(config, extra: dict) -> None:
         meant = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
         if meant and not hasattr(PreTrainedConfig, key):
             raise ValueError(f"unknown config field {key!r}: did you mean {meant[0]!r}?")
+
+
+def _warn_unknown_keys(config, extra: dict) -> None:
+    """Keys this version does not read (``"loop_schedule": "cosine"`` from a newer release) are kept as attributes, as
+    transformers keeps them, but named: the checkpoint may mean a model that this code would run differently."""
+    unknown = sorted(key for key in extra if key not in BOOKKEEPING_KEYS and not hasattr(PreTrainedConfig, key))
+    if unknown:
+        logger.warning(f"{type(config).__name__}: unknown config key(s) {', '.join(map(repr, unknown))}, kept but not "
+                       "used by this version of the model; if they come from a newer release, upgrade "
+                       "parcae-transformers (or load the checkpoint with trust_remote_code=True and its own code)")
+
+
+def _warn_if_written_by_newer_transformers(written_by: str | None) -> None:
+    """A config saved by a newer transformers may rely on behaviour the installed one lacks."""
+    if written_by and _release(written_by) > _release(TRANSFORMERS_VERSION):
+        logger.warning(f"this config was written by transformers {written_by}, newer than the installed "
+                       f"{TRANSFORMERS_VERSION}: settings it relies on may be ignored; upgrade transformers if the "
+                       "model misbehaves")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the release numbers, enough to order transformers versions."""
+    return tuple(int(number) for number in re.findall(r"\d+", version)[:3])
 
 
 def _check_positive(config, *names):

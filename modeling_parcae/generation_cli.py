@@ -109,10 +109,13 @@ def generate_with_stats(model, prompt_ids: torch.Tensor, num_loops: int, exit_th
 
 
 def _report(tok_per_s: float, mean_loops: float, cache) -> str:
+    """One line per run. The KV size is per cached token: the total after generation depends on where each depth's
+    continuation stopped (an early end of text made 2 loops look smaller than 1), the size per token does not."""
     from modeling_parcae.cache_parcae import cache_memory_bytes
 
+    per_token = cache_memory_bytes(cache) / max(cache.get_seq_length(), 1)
     return (f"{tok_per_s:7.1f} tok/s   {mean_loops:5.2f} loops/token   KV cache: {len(cache.layers)} slots, "
-            f"{cache_memory_bytes(cache) / 2**20:.2f} MiB")
+            f"{per_token / 2**10:.2f} KiB per cached token")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -225,6 +225,40 @@ BROKEN = {
 }
 
 
+def test_non_finite_weights_are_converted_with_a_warning_naming_the_tensors(tmp_path, caplog):
+    """Issue 36: a checkpoint holding NaN/inf (a diverged run) was converted without a word."""
+    import logging
+
+    source = GOLDEN / "released_style" / "official"
+    src = tmp_path / "src"
+    copy_config(source, src)
+    state = dict(official_state(source))
+    state["transformer.prelude.0.mlp.fc.weight"] = state["transformer.prelude.0.mlp.fc.weight"].clone()
+    state["transformer.prelude.0.mlp.fc.weight"][0, 0] = float("nan")
+    state["transformer.core_block.1.attn.c_v.weight"] = torch.full_like(
+        state["transformer.core_block.1.attn.c_v.weight"], float("inf"))
+    torch.save(state, src / "model.pt")
+    with caplog.at_level(logging.WARNING):
+        assert convert(src, tmp_path / "dst", "--tokenizer", TOKENIZER) == 0
+    assert "NaN or inf values in 2 tensor(s)" in caplog.text
+    assert "transformer.prelude.0.mlp.fc.weight" in caplog.text and "transformer.core_block.1.attn.c_v.weight" in \
+        caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the finite original converts silently
+        assert convert(source, tmp_path / "clean", "--tokenizer", TOKENIZER) == 0
+    assert "NaN" not in caplog.text
+
+
+def test_converting_a_transformers_folder_points_to_the_way_back(tmp_path, capsys):
+    """Issue 36: `parcae convert` of an already converted folder said only that it is 'not an official config'."""
+    from modeling_parcae import demo_model_path
+
+    assert convert(demo_model_path(), tmp_path / "dst") == 2
+    error = capsys.readouterr().err
+    assert "already a transformers Parcae checkpoint" in error and "--to official" in error
+    assert not (tmp_path / "dst").exists()
+
+
 @pytest.mark.parametrize("name", list(BROKEN))
 def test_broken_input_gives_clear_error_and_leaves_no_dst(tmp_path, capsys, name):
     corrupt, config_changes, message = BROKEN[name]
@@ -276,6 +310,9 @@ def test_push_uploads_a_complete_converted_directory_and_refuses_official_ones(t
     assert 'from_pretrained("me/parcae-tiny", trust_remote_code=True' in card
     with pytest.raises(ValueError, match="parcae convert"):
         push_converted(GOLDEN / "released_style" / "official", "me/x", api=RecordingHubApi())
+    (tmp_path / "hf" / "cache_parcae.py").unlink()  # a sibling the modeling code imports (issue 36)
+    with pytest.raises(FileNotFoundError, match=r"cache_parcae.py \(needed by modeling_parcae.py\)"):
+        push_converted(tmp_path / "hf", "me/x", api=RecordingHubApi())
     (tmp_path / "hf" / "modeling_parcae.py").unlink()
     with pytest.raises(FileNotFoundError, match="modeling_parcae.py"):
         push_converted(tmp_path / "hf", "me/x", api=RecordingHubApi())

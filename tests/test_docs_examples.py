@@ -5,6 +5,7 @@ reason."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,18 @@ def test_the_model_card_parcae_convert_writes_runs(tmp_path):
             assert passed, f"model card example at line {example.line} failed:\n{example.code}\n{output}"
     finally:
         document.close()
+
+
+INLINE_TRAINING_ARGUMENTS = sorted({span for path in DOCUMENTS
+                                    for span in re.findall(r"`(TrainingArguments\([^`]*\))`", path.read_text())})
+
+
+@pytest.mark.parametrize("expression", INLINE_TRAINING_ARGUMENTS)
+def test_inline_training_arguments_of_the_docs_construct_on_this_machine(expression, tmp_path, monkeypatch):
+    """Issue 36: docs/training.md recommended `TrainingArguments(bf16=True)`, which transformers refuses on a CPU
+    without `use_cpu=True`. Fenced examples run in test_docs_examples; the settings quoted in the prose must hold too
+    (the machine that runs the suite has no GPU where it matters most: a user's laptop)."""
+    from transformers import TrainingArguments
+
+    monkeypatch.chdir(tmp_path)  # TrainingArguments' default output_dir is relative
+    assert isinstance(eval(expression, {"TrainingArguments": TrainingArguments}), TrainingArguments)

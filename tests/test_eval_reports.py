@@ -76,3 +76,18 @@ def test_compare_of_reports_made_alike_has_no_warning(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning" not in out
     assert next(line for line in out.splitlines() if line.startswith("CORE")).split()[1:] == ["0.00", "20.00", "+20.00"]
+
+
+def test_a_bits_per_byte_only_report_names_no_centering_baselines_nor_seeds(tmp_path, capsys):
+    """Issue 36: `parcae eval --tasks bpb` headed its table 'baselines v1, seeds [1234, 2345, 3456]', settings of the
+    CORE tasks it never ran."""
+    from modeling_parcae import demo_model_path
+    from modeling_parcae.cli import main
+
+    output = tmp_path / "demo.json"
+    assert main(["eval", "--model", "demo", "--tasks", "bpb", "--text", str(demo_model_path() / "heldout.txt"),
+                 "--limit", "2", "--num-loops", "1", "--output", str(output)]) == 0
+    title, _, head = output.with_suffix(".md").read_text().splitlines()[:3]
+    assert title.startswith("# demo — ") and "baselines" not in title and "seed" not in title
+    assert head == "| metric | T=1 |"
+    assert "| bits per byte |" in output.with_suffix(".md").read_text()

@@ -223,3 +223,19 @@ def test_transformer_baseline_evaluates_once_for_all_depths(bundle):
                       loops=[1, 4], limit=4)
     assert report["looped"] is False
     assert report["results"]["1"] == report["results"]["4"] and "core" in report["results"]["1"]
+
+
+def test_lm_eval_model_args_pretrained_demo_is_the_bundled_demo(tmp_path, monkeypatch):
+    """Issue 36: `lm_eval --model parcae --model_args pretrained=demo` looked for a Hub repo named demo, while
+    `parcae generate --model demo` and `parcae eval --model demo` take the bundled model."""
+    from lm_eval.api.registry import get_model
+
+    import modeling_parcae.eval.lm  # noqa: F401  registers the `parcae` lm-eval model
+    from modeling_parcae import ParcaeConfig, demo_model_path
+
+    monkeypatch.chdir(tmp_path)  # no local folder named demo
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = get_model("parcae").create_from_arg_string("pretrained=demo,num_loops=2")
+    demo = ParcaeConfig.from_pretrained(demo_model_path())
+    assert lm.model.config.hidden_size == demo.hidden_size and lm.model.config.vocab_size == demo.vocab_size
+    assert lm.model.name_or_path == str(demo_model_path())

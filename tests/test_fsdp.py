@@ -120,3 +120,15 @@ def records_tolerant(output: Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return out
+
+
+def test_unused_parameters_notice_names_the_wrapper_that_runs(monkeypatch):
+    """Issue 36: an FSDP run said "DDP is told to expect that" of the parameters without gradient."""
+    from modeling_parcae.training.loop import unused_parameters_notice
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    fsdp = unused_parameters_notice(["model.core.0.gate.weight"], world=2)
+    assert "FSDP" in fsdp and "DDP" not in fsdp and fsdp.endswith(": model.core.0.gate.weight")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert "(DDP is told to expect that)" in unused_parameters_notice(["model.core.0.gate.weight"], world=2)
+    assert "DDP" not in unused_parameters_notice(["model.core.0.gate.weight"], world=1)

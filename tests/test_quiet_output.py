@@ -1,6 +1,6 @@
 """Library notices that say nothing to a user stay off the console: lm-eval's git probe (``fatal: not a git
-repository``, once per depth and seed outside a checkout) and Accelerate's "Removed shared tensor" on every save of
-the tied embedding."""
+repository``, once per depth and seed outside a checkout), Accelerate's "Removed shared tensor" on every save of
+the tied embedding and transformers' "Loading weights" bar on every model load."""
 
 import os
 import subprocess
@@ -46,3 +46,17 @@ def test_training_checkpoints_print_no_shared_tensor_notice(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "runs" / "tiny-cpu" / "checkpoints" / "step-00000002").is_dir()
     assert "Removed shared tensor" not in result.stderr + result.stdout
+
+
+def test_parcae_generate_draws_no_loading_weights_bar_and_keeps_the_hub_download_bars(tmp_path):
+    """Issue 36: every command that loads a model printed transformers' "Loading weights" progress bar. Hidden in the
+    command only (the library's default is untouched); the Hub's download bars, which transformers' switch also turns
+    off, are turned back on."""
+    probe = ("import sys; from huggingface_hub.utils import are_progress_bars_disabled; "
+             "from modeling_parcae.cli import main; code = main(sys.argv[1:]); "
+             "print('hub bars disabled:', are_progress_bars_disabled()); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe, "generate", "--max-new-tokens", "2", "ROMEO:"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Loading weights" not in result.stderr
+    assert "hub bars disabled: False" in result.stdout

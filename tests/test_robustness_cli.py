@@ -98,22 +98,31 @@ def test_truncated_report_is_named_by_compare(tmp_path, capsys):
     assert f"report {cut} is not valid JSON (line 1, column" in line and "truncated" in line
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
-def test_truncated_weights_are_named_when_loading_a_model(tmp_path, capsys, command):
+def _demo_copy(tmp_path: Path) -> Path:
     import shutil
 
     from modeling_parcae.bundled import demo_model_path
 
     model = tmp_path / "model"
     shutil.copytree(demo_model_path(), model)
-    weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def _loading_error(tmp_path: Path, capsys, command: str, model: Path) -> str:
+    """The one error line of `parcae generate` or `parcae eval --tasks bpb` loading ``model``."""
     text = tmp_path / "docs.txt"
     text.write_text("To be, or not to be.\n")
     args = (["generate", "--model", str(model), "Hi"] if command == "generate" else
             ["eval", "--model", str(model), "--tasks", "bpb", "--text", str(text)])
-    line = one_error_line(in_process(capsys, *args), command)
-    assert f"{weights} is truncated or corrupt" in line
+    return one_error_line(in_process(capsys, *args), command)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_truncated_weights_are_named_when_loading_a_model(tmp_path, capsys, command):
+    model = _demo_copy(tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert f"{weights} is truncated or corrupt" in _loading_error(tmp_path, capsys, command, model)
 
 
 def test_compare_names_the_tasks_it_drops(tmp_path, capsys):
@@ -338,3 +347,47 @@ def test_subcommands_still_reach_their_module_through_the_console_script(tmp_pat
     result = subprocess.run([str(script), "generate", "--temperature", "-1", "Hi"], cwd=tmp_path, env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert "--temperature must be >= 0" in one_error_line(result, "generate")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument order
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--compile", "--resume"])
+def test_overrides_may_follow_an_option(tmp_path, capsys, flag):
+    """Issue 36: `parcae train tiny-cpu --resume training.max_steps=50` failed with "unrecognized arguments" and the
+    top-level usage. The override after the flag now reaches the recipe (here: its type error, before any work)."""
+    line = one_error_line(in_process(capsys, "train", "tiny-cpu", flag, f"output_dir={tmp_path / 'run'}",
+                                     "training.max_steps=ten"), "train")
+    assert "training.max_steps must be of type int | None, got 'ten'" in line
+
+
+def test_an_unknown_option_is_reported_with_the_subcommands_usage(capsys):
+    """`parcae generate --do-sample` showed the top-level usage (`parcae [-h] [--version] COMMAND`)."""
+    code, err = in_process(capsys, "generate", "--do-sample", "ROMEO:")
+    assert code == 2
+    assert err.startswith("usage: parcae generate ") and "parcae generate: error: unrecognized arguments: --do-sample" \
+        in err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_folder_without_its_weights_file_says_what_is_missing_and_what_to_do(tmp_path, capsys, command):
+    """Issue 36: transformers' generic "Error no file named model.safetensors, or pytorch_model.bin" said neither
+    that the folder is incomplete nor how to mend it."""
+    model = _demo_copy(tmp_path)
+    (model / "model.safetensors").unlink()
+    line = _loading_error(tmp_path, capsys, command, model)
+    assert f"{model} holds a config.json but no weights (model.safetensors," in line
+    assert "incomplete" in line and "save_pretrained" in line
+
+
+def test_a_folder_that_lost_a_remote_code_file_loads_here_with_a_warning_naming_it(tmp_path, caplog):
+    """The package loads the folder with its own code; without the package (trust_remote_code=True) it would fail
+    with "No such file or directory: .../cache_parcae.py", so the missing sibling is named where it loads here."""
+    import logging
+
+    model = _demo_copy(tmp_path)
+    (model / "cache_parcae.py").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert parcae_main(["generate", "--model", str(model), "--max-new-tokens", "1", "Hi"]) == 0
+    assert "lacks remote code cache_parcae.py (needed by modeling_parcae.py)" in caplog.text
+    assert "trust_remote_code=True" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -457,6 +458,40 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference_run, 
         for key in ("train/loss", "train/lr", "train/depth", "train/grad_norm"):
             assert json.dumps(got[step][key]) == json.dumps(expected[step][key]), (step, key)  # exact, NaN too
     assert got[16]["val/loss@8"] == expected[16]["val/loss@8"]
+
+
+def test_resume_extending_a_finished_run_recomputes_the_schedule_and_says_so(reference_run, tmp_path):
+    """Issue 36: `--resume` with a larger training.max_steps took its next step at the finished schedule's 0 and then
+    jumped, silently, and overwrote recipe.yaml. As with transformers' Trainer, the schedule is now recomputed for the
+    new length: a 20-step trapezoid with cooldown_fraction 0.5 decays linearly from step 10, so step 17 (index 16)
+    runs at 8e-3 * (20 - 16) / 10."""
+    output = tmp_path / "run"
+    shutil.copytree(reference_run[0], output)
+    extended = [*RUN_OVERRIDES[1:], "training.max_steps=20"]
+    result = parcae("train", "tiny-cpu", f"output_dir={output}", *extended, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training.max_steps (16 -> 20)" in result.stdout
+    assert "recomputed for 20 steps" in result.stdout and "step 17 uses learning rate 0.0032" in result.stdout
+    records = metrics(output)
+    assert sorted(records) == list(range(1, 21))
+    for step in range(17, 21):
+        assert records[step]["train/lr"] == pytest.approx(8e-3 * (20 - (step - 1)) / 10, rel=1e-6), step
+    assert "max_steps: 20" in (output / "recipe.yaml").read_text()
+    assert "max_steps: 16" in (output / "recipe.until-step-00000016.yaml").read_text()
+    assert "recipe.until-step-00000016.yaml" in result.stdout
+
+
+def test_resume_with_a_changed_optimizer_setting_is_refused_naming_the_key(reference_run, tmp_path):
+    """A resume that changes what the checkpoint's state means (here the learning rate) is refused before any work,
+    naming the key, its saved and its new value, and the saved recipe is left as it was."""
+    output = tmp_path / "run"
+    shutil.copytree(reference_run[0], output)
+    saved = (output / "recipe.yaml").read_text()
+    result = parcae("train", "tiny-cpu", f"output_dir={output}", *RUN_OVERRIDES, "training.adamw_lr=1e-3",
+                    "--resume")
+    assert result.returncode == 2
+    assert "training.adamw_lr (0.008 -> 0.001)" in result.stderr and "training.max_steps" not in result.stderr
+    assert (output / "recipe.yaml").read_text() == saved and not list(output.glob("recipe.until-*"))
 
 
 def test_two_process_ddp_matches_one_process(reference_run, tmp_path):

@@ -1,6 +1,7 @@
 """Rough edges a new user hit, each answered by one clear message naming the file, path or key at fault."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -137,3 +138,54 @@ def test_parcae_eval_names_the_missing_file_of_each_task_it_skips(tmp_path, capl
                           seeds=[1234], loops=[1], limit=1)
     assert report["skipped"] == ["hellaswag"]
     assert f"hellaswag (eval_data/{TASKS['hellaswag'].dataset_uri})" in caplog.text
+
+
+def _demo_copy_with_config(tmp_path: Path, **changes) -> Path:
+    from modeling_parcae import demo_model_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(demo_model_path(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def _warnings(caplog) -> str:
+    return "\n".join(record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING)
+
+
+def test_a_config_with_keys_this_version_does_not_know_loads_with_a_warning_naming_them(tmp_path, caplog):
+    """Issue 36: a config.json from a newer release (a new field, a newer transformers) loaded silently as the old
+    model; a misspelt known field is refused, so an unknown one must at least be named."""
+    from modeling_parcae import ParcaeConfig
+
+    newer = _demo_copy_with_config(tmp_path, loop_schedule="cosine", transformers_version="6.3.0")
+    with caplog.at_level(logging.WARNING):
+        config = ParcaeConfig.from_pretrained(newer)
+    assert config.loop_schedule == "cosine"  # kept, as transformers keeps unknown keys
+    assert "'loop_schedule'" in _warnings(caplog) and "transformers 6.3.0" in _warnings(caplog)
+
+
+def test_transformers_bookkeeping_keys_load_silently(tmp_path, caplog):
+    """architectures, auto_map, model_type, dtype, an older transformers_version (the demo's config.json has them all),
+    and the keys older releases or the converter write, with normal values: no warning."""
+    from modeling_parcae import ParcaeConfig
+
+    folder = _demo_copy_with_config(tmp_path, _name_or_path="SandyResearch/parcae-140m", torch_dtype="float16",
+                                    official_name="parcae-small-140m", transformers_version="5.0.0")
+    with caplog.at_level(logging.WARNING):
+        ParcaeConfig.from_pretrained(folder)
+    assert _warnings(caplog) == ""
+
+
+@pytest.mark.parametrize("loader", ["ParcaeForCausalLM", "AutoModelForCausalLM"])
+def test_a_misspelt_from_pretrained_keyword_is_refused_naming_the_field_meant(loader):
+    """Issue 36: `from_pretrained(path, num_loop=4)` was a bare TypeError from the model's __init__, while
+    `ParcaeConfig(num_loop=4)` says which field was meant."""
+    import transformers
+
+    import modeling_parcae
+
+    cls = getattr(modeling_parcae, loader, None) or getattr(transformers, loader)
+    with pytest.raises(ValueError, match=r"unknown config field 'num_loop': did you mean 'num_loops'\?"):
+        cls.from_pretrained(modeling_parcae.demo_model_path(), num_loop=4)

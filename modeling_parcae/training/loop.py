@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
@@ -29,10 +28,13 @@ from modeling_parcae.inputs import local_path_or_hub_id
 from modeling_parcae.scoring import pad_id_of, token_byte_lengths
 from modeling_parcae.training.checkpoint import latest_checkpoint, remove_leftovers, save_checkpoint, save_final_model
 from modeling_parcae.training.data import RowStream, build_training_data
-from modeling_parcae.training.distributed import enable_fsdp_on_cpu, prepare_model_and_optimizers
+from modeling_parcae.training.distributed import enable_fsdp_on_cpu, fsdp_requested, prepare_model_and_optimizers
 from modeling_parcae.training.evaluation import validation_metrics
-from modeling_parcae.training.optim import build_optimizers, build_schedulers, set_muon_step_hyperparameters
-from modeling_parcae.training.recipe import ModelRecipe, Recipe, recipe_to_dict
+from modeling_parcae.training.optim import (
+    apply_schedule, build_optimizers, build_schedulers, set_muon_step_hyperparameters,
+)
+from modeling_parcae.training.recipe import ModelRecipe, Recipe, flatten_recipe, recipe_to_dict
+from modeling_parcae.training.resume import check_resumable, describe_resumed_changes, write_recipe
 
 
 class TrainState:
@@ -100,6 +102,16 @@ def parameters_without_gradient(model: torch.nn.Module) -> list[str]:
     return unused
 
 
+def unused_parameters_notice(unused: list[str], world: int) -> str:
+    """The console line naming the parameters without gradient, and how the data-parallel wrapper that runs takes
+    them: DDP must be told (``find_unused_parameters``), FSDP shards them with the rest."""
+    wrapper = ""
+    if world > 1:
+        wrapper = " (FSDP shards them with the others)" if fsdp_requested() else " (DDP is told to expect that)"
+    return f"these parameters never receive a gradient in this layout and keep their initial values{wrapper}: " + \
+        ", ".join(unused)
+
+
 def train(recipe: Recipe, resume: str | None = None) -> Path:
     """Run a recipe to the end; returns the folder of the final ``save_pretrained`` model.
 
@@ -119,6 +131,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
             f"whole micro-batches of training.micro_batch_size ({settings.micro_batch_size})"
         )
     resume_from = _resolve_resume(resume, checkpoints)
+    changes = check_resumable(resume_from, recipe) if resume_from is not None else {}
     if process.is_main_process:
         remove_leftovers(output_dir)
 
@@ -128,8 +141,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     model = build_model(recipe.model, tokenizer)
     unused = parameters_without_gradient(model)
     if unused and process.is_main_process:
-        print("these parameters never receive a gradient in this layout and keep their initial values"
-              + (" (DDP is told to expect that)" if world > 1 else "") + ": " + ", ".join(unused))
+        print(unused_parameters_notice(unused, world))
     set_seed(recipe.seed)  # the probe drew random initial states: restart the stream so runs depend on the seed only
     model.train()
     if resolve_compile(settings.compile):
@@ -165,15 +177,23 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        if state.step > total_steps:
+            raise ValueError(f"{resume_from} is at step {state.step}, past the {total_steps} steps of this recipe; "
+                             "give a longer training.max_steps / max_tokens")
+        apply_schedule(schedulers)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        if changes:
+            accelerator.print(describe_resumed_changes(changes, state.step + 1, total_steps,
+                                                       optimizers[-1].param_groups[0]["lr"]))
         if accelerator.is_main_process:
             truncate_metrics(output_dir / "metrics.jsonl", state.step)
 
     accelerator.init_trackers(recipe.run_name, config=_flat_hparams(recipe_to_dict(recipe)))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
-        write_atomically(output_dir / "recipe.yaml", lambda temporary: temporary.write_text(text))
+        kept = write_recipe(output_dir, recipe, changes, state.step)
+        if kept:
+            print(kept)
     config = accelerator.unwrap_model(model).config
     eval_depths = recipe.eval.depths if config.looped else None
     byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)
@@ -199,7 +219,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                               "optimizer step skipped")
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        learning_rate = schedulers[-1].get_last_lr()[0]  # the AdamW rate this step used (Muon's has the same shape)
+        learning_rate = optimizers[-1].param_groups[0]["lr"]  # the AdamW rate this step used (Muon's: same shape)
         for scheduler in schedulers:
             scheduler.step()
         state.step += 1
@@ -309,12 +329,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
 
 
-def _flat_hparams(tree: dict, prefix: str = "") -> dict:
+def _flat_hparams(tree: dict) -> dict:
     """Trackers accept scalars only: flatten sections with dots and render lists/None as strings."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten_recipe(tree).items()}

@@ -61,6 +61,19 @@ def build_schedulers(optimizers: list[torch.optim.Optimizer], recipe: TrainingRe
     ]
 
 
+def apply_schedule(schedulers: list[torch.optim.lr_scheduler.LambdaLR]) -> None:
+    """Set each optimizer's learning rate from its schedule at the scheduler's step, as ``scheduler.step`` does.
+
+    A resumed optimizer carries the rate the saving run's schedule gave; once the run's length (and with it the
+    schedule) changed, that rate belongs to another schedule: a finished 40-step run resumed to 50 steps would take
+    its next step at the old schedule's final 0.
+    """
+    for scheduler in schedulers:
+        rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+
+
 def set_muon_step_hyperparameters(optimizer: torch.optim.Optimizer, recipe: TrainingRecipe, step: int,
                                   total_steps: int) -> None:
     """Muon weight decay 0.2 -> 0 linearly over the run and momentum warm-up 0.85 -> 0.95 (a function of the step,

@@ -140,6 +140,17 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
 
 
+def flatten_recipe(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"max_steps": 40}}`` -> ``{"training.max_steps": 40}``: the dotted keys overrides use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_recipe(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """Reject inconsistent settings before any data is read or any model is built."""
     training = recipe.training
