@@ -43,8 +43,8 @@ class _Packing:
         return full
 
 
-class _LatestKeysValues:
-    """Stands in for the cache inside the core blocks while tokens exit: keeps the newest keys/values of every token of
+class LatestKeysValues:
+    """The ``BlockCache`` the core blocks get while tokens exit (``cache_parcae.BlockCache``): keeps the newest keys/values of every token of
     this forward, writes them to the real cache slot (if any) and returns the keys/values the packed queries see."""
 
     def __init__(self, cache):
@@ -96,7 +96,7 @@ class ExitPolicy:
         self.past_length = past_length
         self.active: torch.Tensor | None = None
         self.loops_run: torch.Tensor | None = None
-        self.latest: _LatestKeysValues | None = None
+        self.latest: LatestKeysValues | None = None
 
     def with_grad(self, loop: int) -> bool:
         return False
@@ -107,7 +107,7 @@ class ExitPolicy:
             batch, seq_len = step.state.shape[:2]
             self.active = torch.ones(batch, seq_len, dtype=torch.bool, device=step.state.device)
             self.loops_run = torch.zeros(batch, seq_len, dtype=torch.long, device=step.state.device)
-            self.latest = _LatestKeysValues(kwargs.get("cache"))
+            self.latest = LatestKeysValues(kwargs.get("cache"))
         self.latest.slots = slots
         n_active = int(self.active.sum()) if loop else self.active.numel()  # one host sync per loop decides the path
         if n_active == 0:

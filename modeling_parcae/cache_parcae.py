@@ -10,9 +10,22 @@ This file is part of the remote code copied next to saved checkpoints: it import
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
+
+
+@runtime_checkable
+class BlockCache(Protocol):
+    """What a block's attention writes its new keys and values to (``layer_idx``: the execution's cache slot) and
+    gets back the keys and values its queries attend to. A transformers ``Cache`` is one, and the only one on the
+    main route. Two side routes hand a block a view instead, each a class of its own with this one method:
+    ``compilation._LayerView`` / ``_SlotView`` (a compiled block sees its own slot, so one graph serves every slot)
+    and ``adaptive_parcae.LatestKeysValues`` (under adaptive exit: the newest keys and values of every token)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -125,4 +138,4 @@ class ParcaeSharedLoopCache(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
-__all__ = ["ParcaeSharedLoopCache", "ParcaeSlotMap", "cache_memory_bytes", "prepare_cache"]
+__all__ = ["BlockCache", "ParcaeSharedLoopCache", "ParcaeSlotMap", "cache_memory_bytes", "prepare_cache"]

@@ -32,7 +32,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .adaptive_parcae import ExitPolicy
-from .cache_parcae import ParcaeSlotMap, prepare_cache
+from .cache_parcae import BlockCache, ParcaeSlotMap, prepare_cache
 from .chunked_loss import chunked_linear_cross_entropy
 from .configuration_parcae import BlockSpec, ParcaeConfig, validate_num_loops
 from .transformers_compat import accepts_either_cache_name, cache_field, cache_of, causal_mask
@@ -194,17 +194,21 @@ class ParcaeAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        cache: Cache | None = None,
+        cache: BlockCache | None = None,
         cache_slot: int | None = None,
         value_embedding: torch.Tensor | None = None,
         positions_to_keep: int = 0,
         slot_attention: "ParcaeSlotAttention | None" = None,
+        unpack_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``positions_to_keep`` > 0: queries (and the output) for the last that many positions only; keys and values
         of every position are still computed and cached. The model then passes an explicit mask (``None`` would let
         a lone query attend every key, unwritten static-cache slots included), of which the kept rows are used.
-        ``slot_attention``: under vLLM, the attention of this execution of the block (its own KV cache there)."""
+        ``cache``: a transformers ``Cache``, or on a side route one of the views ``BlockCache`` names; written at
+        ``cache_slot``. ``slot_attention``: under vLLM, the attention of this execution of the block (its own KV cache
+        there). ``unpack_attention_rows``: under adaptive exit, maps the packed rows of the attention weights back to
+        ``(batch, heads, seq_len, keys)``."""
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         cos, sin = position_embeddings
         query_states, query_cos, query_sin = hidden_states, cos, sin
@@ -232,7 +236,6 @@ class ParcaeAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, cache_slot)
 
-        unpack_rows = kwargs.pop("unpack_attention_rows", None)
         if slot_attention is not None:
             attn_output, attn_weights = slot_attention(query, key, value, attention_mask, **kwargs)
         else:
@@ -243,8 +246,8 @@ class ParcaeAttention(nn.Module):
                 self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
             )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        if unpack_rows is not None and attn_weights is not None:
-            attn_weights = unpack_rows(attn_weights)
+        if unpack_attention_rows is not None and attn_weights is not None:
+            attn_weights = unpack_attention_rows(attn_weights)
         return self.o_proj(attn_output), attn_weights
 
     def _rotate_and_norm(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -302,15 +305,19 @@ class ParcaeDecoderLayer(GradientCheckpointingLayer):
         value_embedding: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: Cache | None = None,
+        cache: BlockCache | None = None,
         cache_slot: int | None = None,
         positions_to_keep: int = 0,
+        slot_attention: "ParcaeSlotAttention | None" = None,
+        unpack_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """``value_embedding`` comes second and is passed positionally: gradient checkpointing hands only positional
         tensors to ``torch.utils.checkpoint``, and the value-embedding tables need their gradient (it also drops
         ``cache``, so that the backward replay does not write it a second time).
-        ``positions_to_keep`` > 0: the output of the last that many positions only (see ``ParcaeModel.forward``)."""
+        ``positions_to_keep`` > 0: the output of the last that many positions only (see ``ParcaeModel.forward``).
+        ``cache``, ``slot_attention``, ``unpack_attention_rows``: see ``ParcaeAttention.forward``; ``kwargs`` are
+        transformers' attention keyword arguments, handed to the attention function."""
         attn_output, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
@@ -319,6 +326,8 @@ class ParcaeDecoderLayer(GradientCheckpointingLayer):
             cache_slot=cache_slot,
             value_embedding=value_embedding,
             positions_to_keep=positions_to_keep,
+            slot_attention=slot_attention,
+            unpack_attention_rows=unpack_attention_rows,
             **kwargs,
         )
         if positions_to_keep:
@@ -699,7 +708,8 @@ class ParcaeModel(ParcaePreTrainedModel):
             check_servable_by_vllm(config)
             self.slot_attention = nn.ModuleList(ParcaeSlotAttention(config, index)
                                                 for index in range(config.num_hidden_layers))
-        # Training-time depth sampler position; advanced after every sampled forward, saved/restored by training code.
+        # the sampled forwards counted by the model itself, for training loops that pass no ``depth_sampling_step``
+        # (Trainer); ``parcae train`` owns its count and passes it
         self.depth_sampling_step = 0
         self.gradient_checkpointing = False
         self.post_init()
@@ -724,6 +734,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         output_depths: Sequence[int] | None = None,
         exit_threshold: float | None = None,
         positions_to_keep: int = 0,
+        depth_sampling_step: int | None = None,
         **kwargs,
     ) -> "ParcaeModelOutputWithPast":
         r"""
@@ -763,6 +774,10 @@ class ParcaeModel(ParcaePreTrainedModel):
             When > 0, the last coda block computes queries, MLP and output for the last that many positions only
             (keys and values of every position are still cached; ignored with ``output_hidden_states`` or no coda). [`ParcaeForCausalLM`] passes an integer
             ``logits_to_keep`` here, so that positions whose logits are dropped skip the last block too.
+        depth_sampling_step (`int`, *optional*):
+            In training with a sampled depth: draw this forward's depth from ``depth_sampling_seed + depth_sampling_step``
+            (a training loop that owns its step passes it, as ``parcae train`` does). Without it the model counts its
+            sampled forwards itself (``depth_sampling_step`` attribute), which is what ``Trainer`` relies on.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -783,7 +798,7 @@ class ParcaeModel(ParcaePreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         schedule, output_depths = self._depth_policy(num_loops, output_depths, exit_threshold, batch_size, seq_len,
-                                                     cache, attention_mask, past_length)
+                                                     cache, attention_mask, past_length, depth_sampling_step)
         slot_map = ParcaeSlotMap.for_config(self.config, schedule.num_loops if self.looped else 0, output_depths)
         if self.slot_attention is not None and (cache is not None or output_depths is not None or exit_threshold
                                                 is not None or schedule.num_loops != self.config.num_loops):
@@ -886,8 +901,8 @@ class ParcaeModel(ParcaePreTrainedModel):
 
     def _depth_policy(self, num_loops: LoopCount | None, output_depths: Sequence[int] | None,
                       exit_threshold: float | None, batch_size: int, seq_len: int, cache: Cache | None,
-                      attention_mask: torch.Tensor | None,
-                      past_length: int) -> tuple["LoopSchedule | ExitPolicy", tuple[int, ...] | None]:
+                      attention_mask: torch.Tensor | None, past_length: int,
+                      depth_sampling_step: int | None) -> tuple["LoopSchedule | ExitPolicy", tuple[int, ...] | None]:
         """Validate the depth arguments once and turn them into the loop's policy (and the read-out depths)."""
         if not self.looped:
             if output_depths is not None or exit_threshold is not None:
@@ -909,7 +924,7 @@ class ParcaeModel(ParcaePreTrainedModel):
                 raise ValueError("exit_threshold and output_depths cannot be combined: a depth sweep runs every token "
                                  "to each depth")
             output_depths, num_loops = depths, max(depths)
-        schedule = self._loop_schedule(num_loops, batch_size, seq_len)
+        schedule = self._loop_schedule(num_loops, batch_size, seq_len, depth_sampling_step)
         if cache is not None and not schedule.is_uniform:
             raise ValueError("a KV cache needs one loop count for the whole batch; pass an int num_loops")
         if exit_threshold is None:
@@ -921,12 +936,13 @@ class ParcaeModel(ParcaePreTrainedModel):
                              "cannot serve: use the default dynamic cache")
         return ExitPolicy(schedule.num_loops, float(exit_threshold), attention_mask, past_length), None
 
-    def _loop_schedule(self, num_loops: LoopCount | None, batch_size: int, seq_len: int) -> LoopSchedule:
+    def _loop_schedule(self, num_loops: LoopCount | None, batch_size: int, seq_len: int,
+                       depth_sampling_step: int | None = None) -> LoopSchedule:
         """``num_loops`` (default: the config's, or a sampled depth in training) as a schedule. An int in training
         back-propagates through its last ``mean_backprop_depth`` loops; a ``(no_grad, with_grad)`` pair as given."""
         config = self.config
         if num_loops is None and self.training and config.train_num_loops is None:
-            return self._sample_schedule(batch_size, seq_len)
+            return self._sample_schedule(batch_size, seq_len, depth_sampling_step)
         if num_loops is None:
             num_loops = config.train_num_loops if self.training else config.num_loops
         if isinstance(num_loops, torch.Tensor):
@@ -942,10 +958,13 @@ class ParcaeModel(ParcaePreTrainedModel):
         return LoopSchedule.fixed(num_loops - with_grad, with_grad)
 
     @torch.compiler.disable  # host-side, also under a whole-model compile: no guard on the step, no .item() break
-    def _sample_schedule(self, batch_size: int, seq_len: int) -> LoopSchedule:
-        """The next training depth, drawn from the step counter (a run is reproducible from its step)."""
-        self.depth_sampling_step += 1
-        return sample_loop_schedule(self.config, batch_size, seq_len, self.depth_sampling_step - 1)
+    def _sample_schedule(self, batch_size: int, seq_len: int, step: int | None) -> LoopSchedule:
+        """The training depth of sampling step ``step``, or of the model's own count when none is given (a run is
+        reproducible from its step)."""
+        if step is None:
+            step = self.depth_sampling_step
+            self.depth_sampling_step += 1
+        return sample_loop_schedule(self.config, batch_size, seq_len, step)
 
     def _positions_to_keep(self, positions_to_keep: int, seq_len: int, output_hidden_states: bool, kwargs: dict) -> int:
         """The positions the last block computes (0: all). None trimmed while hidden states or attention maps are

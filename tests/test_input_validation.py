@@ -99,3 +99,43 @@ def test_save_pretrained_with_an_invalid_config_writes_nothing(tmp_path):
     with pytest.raises(Exception, match="num_loops must be >= 1"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # before: a directory holding only the remote-code .py files
+
+
+def test_generating_past_the_trained_context_warns_once_not_per_decode_step():
+    """The warning's text once named the length, so ``warning_once`` printed a new one at every decode step."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_parcae.modeling_parcae import logger
+
+    model = tiny_model(max_position_embeddings=8).eval()
+    logger.warning_once.cache_clear()
+    with CaptureLogger(logger) as captured:
+        model.generate(torch.tensor([[5, 17, 99, 3, 250, 42, 7]]), max_new_tokens=10, do_sample=False, num_loops=2)
+    assert captured.out.count("max_position_embeddings=8") == 1, captured.out
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_generate_refuses_a_cache_that_is_no_transformers_cache_as_forward_does(model, ids, name):
+    with pytest.raises(TypeError, match="the KV cache must be a transformers Cache .* got dict"):
+        model.generate(ids, max_new_tokens=2, num_loops=2, **{name: {}})
+
+
+def test_an_empty_row_in_a_batch_is_refused_as_an_empty_prompt_alone_is(model):
+    ids = torch.tensor([[2, 2, 5, 17], [2, 2, 2, 2]])
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="row 1 of the batch has no token"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, num_loops=2)
+
+
+def test_a_non_finite_initial_state_is_refused(model, ids):
+    state = torch.zeros(*ids.shape, model.config.state_size)
+    state[0, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="initial_state holds NaN or infinite values"):
+        model(ids, initial_state=state, num_loops=2)
+
+
+def test_labels_outside_the_vocabulary_name_the_labels(model, ids):
+    labels = ids.clone()
+    labels[0, 2] = model.config.vocab_size + 5
+    with pytest.raises(ValueError, match=r"labels \(other than -100\) must lie in \[0, vocab_size"):
+        model(ids, labels=labels, num_loops=2)

@@ -165,3 +165,38 @@ def test_the_package_face_leaves_the_exported_class_as_the_remote_code_has_it():
     assert ParcaeForCausalLM.from_pretrained.__func__ is vars(ParcaePreTrainedModel)["from_pretrained"].__func__
     assert ParcaeForCausalLM.from_pretrained.__func__.__module__ == "modeling_parcae.modeling_parcae"
     assert modeling_parcae.from_pretrained_or_official.__module__ == "modeling_parcae.conversion.hub"
+
+
+def test_every_block_gets_a_block_cache_on_every_route():
+    """Plain, compiled and adaptive-exit forwards: the ``cache`` each attention call receives is a transformers
+    ``Cache`` on the main route and otherwise one of the views ``BlockCache`` documents, never an unnamed stand-in."""
+    from transformers import Cache
+
+    from modeling_parcae.adaptive_parcae import LatestKeysValues
+    from modeling_parcae.cache_parcae import BlockCache
+    from modeling_parcae.compilation import _LayerView, _SlotView, compile_blocks
+    from modeling_parcae.modeling_parcae import ParcaeAttention
+
+    def seen_caches(model, **kwargs) -> set[type]:
+        seen = set()
+
+        def record(module, args, call_kwargs):
+            cache = call_kwargs.get("cache")
+            assert cache is None or isinstance(cache, BlockCache), type(cache)
+            seen.add(type(cache))
+
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+                 if isinstance(m, ParcaeAttention)]
+        try:
+            with torch.no_grad():
+                model(IDS, use_cache=True, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+    model = tiny_model().eval()
+    assert all(issubclass(kind, Cache) for kind in seen_caches(model, num_loops=3))
+    assert LatestKeysValues in seen_caches(model, num_loops=3, exit_threshold=0.5)
+    compile_blocks(model, backend="eager")
+    assert seen_caches(model, num_loops=3) <= {_LayerView, _SlotView}

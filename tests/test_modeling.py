@@ -212,6 +212,18 @@ def test_training_forward_samples_per_configured_method(method, shape):
     assert model(torch.randint(0, 256, (3, 5))).num_loops.tolist() == [model.config.num_loops]
 
 
+def test_a_training_loop_passes_its_sampling_step_and_the_model_keeps_no_count_of_its_own():
+    """``depth_sampling_step`` given: the depth of that step (as the sampler draws it), and the model's own counter,
+    kept for loops that pass none (Trainer), is left alone."""
+    model = tiny_model(recurrent_iteration_method="per-sequence")
+    model.train()
+    ids = torch.randint(0, 256, (6, 5))
+    for step in (3, 40, 3):
+        depths = model(ids, depth_sampling_step=step).num_loops
+        assert torch.equal(depths, sample_loop_schedule(model.config, 6, 5, step).loops_run)
+    assert model.model.depth_sampling_step == 0
+
+
 def test_per_sequence_depths_match_running_each_sequence_at_its_own_depth():
     model = tiny_model(state_init="zero")  # training otherwise draws a random initial state
     model.train()

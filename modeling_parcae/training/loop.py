@@ -40,21 +40,20 @@ from modeling_parcae.training.resume import check_resumable, describe_resumed_ch
 class TrainState:
     """Everything about progress that is not a tensor, saved with each checkpoint (``register_for_checkpointing``)."""
 
-    def __init__(self, rows: RowStream, base_model: torch.nn.Module):
+    def __init__(self, rows: RowStream):
         self.rows = rows
-        self.base_model = base_model
         self.step = 0
         self.skipped_steps = 0
+        self.depth_sampling_step = 0  # sampled training forwards so far: the model draws each one's depth from it
 
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "rows": self.rows.state_dict(),
-                "depth_sampling_step": getattr(self.base_model, "depth_sampling_step", 0)}
+                "depth_sampling_step": self.depth_sampling_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.rows.load_state_dict(state["rows"])
-        if hasattr(self.base_model, "depth_sampling_step"):
-            self.base_model.depth_sampling_step = state["depth_sampling_step"]
+        self.depth_sampling_step = state["depth_sampling_step"]
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -170,8 +169,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     model, optimizers = prepare_model_and_optimizers(accelerator, model, lambda m: build_optimizers(m, settings))
     # the schedules drive the torch optimizers themselves, not Accelerate's wrappers around them
     schedulers = build_schedulers([getattr(o, "optimizer", o) for o in optimizers], settings, total_steps)
-    base_model = accelerator.unwrap_model(model).base_model
-    state = TrainState(rows, base_model)
+    state = TrainState(rows)
     for scheduler in schedulers:  # not prepared: Accelerate would step them once per process
         accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(state)
@@ -207,7 +205,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         local = batch[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
         if muon is not None:
             set_muon_step_hyperparameters(muon, settings, state.step, total_steps)
-        loss, depth = _accumulate_gradients(model, accelerator, local.split(settings.micro_batch_size))
+        loss, depth = _accumulate_gradients(model, accelerator, local.split(settings.micro_batch_size), state)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
         finite = bool(torch.isfinite(grad_norm))
         if finite:
@@ -255,12 +253,13 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     return final
 
 
-def _accumulate_gradients(model, accelerator: Accelerator,
-                          micro_batches: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, float | None]:
+def _accumulate_gradients(model, accelerator: Accelerator, micro_batches: tuple[torch.Tensor, ...],
+                          state: TrainState) -> tuple[torch.Tensor, float | None]:
     """Forward/backward over the micro-batches of one optimizer step (gradients synchronised on the last only).
 
     Each row is ``block_size + 1`` tokens: inputs ``row[:-1]``, targets ``row[1:]``, every position counted, as in
-    the official loop. Returns the mean loss and the mean sampled depth (None for the loop-free baseline).
+    the official loop. Each forward draws its depth from the run's sampling step (``state``), which the loop owns and
+    checkpoints. Returns the mean loss and the mean sampled depth (None for the loop-free baseline).
     """
     losses, depths = [], []
     for index, rows in enumerate(micro_batches):
@@ -270,7 +269,9 @@ def _accumulate_gradients(model, accelerator: Accelerator,
             # the plain head and loss: on an H200 the compiled step with them took 49 ms where chunked_loss=True took
             # 106 ms (for 7.4 GiB instead of 12.8), then with its head in float32 under autocast (fixed since; to be
             # re-measured: docs/performance.md)
-            outputs = model(input_ids=rows[:, :-1], shift_labels=rows[:, 1:])
+            outputs = model(input_ids=rows[:, :-1], shift_labels=rows[:, 1:],
+                            depth_sampling_step=state.depth_sampling_step)
+            state.depth_sampling_step += 1
             loss = outputs.loss
             accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach())
