@@ -18,6 +18,9 @@ from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils import logging
 
+from .transformers_compat import CACHE_NAME, NEWEST_SUPPORTED_TRANSFORMERS
+
+
 logger = logging.get_logger(__name__)
 
 # keys of a config.json that are no field here yet load silently: transformers' own (its base class consumes or keeps
@@ -25,8 +28,6 @@ logger = logging.get_logger(__name__)
 BOOKKEEPING_KEYS = frozenset({"auto_map", "model_type", "_name_or_path", "name_or_path", "_commit_hash", "torch_dtype",
                               "attn_implementation", "experts_implementation", "output_attentions", "num_labels",
                               "quantization_config", "official_name"})
-
-from .transformers_compat import CACHE_NAME
 
 
 def _alternate_ending_on_last(index: int, count: int) -> bool:
@@ -326,11 +327,14 @@ def _warn_unknown_keys(config, extra: dict) -> None:
 
 
 def _warn_if_written_by_newer_transformers(written_by: str | None) -> None:
-    """A config saved by a newer transformers may rely on behaviour the installed one lacks."""
-    if written_by and _release(written_by) > _release(TRANSFORMERS_VERSION):
-        logger.warning(f"this config was written by transformers {written_by}, newer than the installed "
-                       f"{TRANSFORMERS_VERSION}: settings it relies on may be ignored; upgrade transformers if the "
-                       "model misbehaves")
+    """A config saved by a transformers newer than every release this code supports may rely on behaviour it lacks.
+    Within the supported range a config means the same on each release (the version lane checks it), so a checkpoint
+    saved on 5.25 loads on 5.16 without a word."""
+    if written_by and _release(written_by)[:2] > NEWEST_SUPPORTED_TRANSFORMERS:
+        newest = ".".join(map(str, NEWEST_SUPPORTED_TRANSFORMERS))
+        logger.warning(f"this config was written by transformers {written_by}, newer than every release this model's "
+                       f"code supports (up to {newest}; installed: {TRANSFORMERS_VERSION}): settings it relies on may "
+                       "be ignored; upgrade parcae-transformers if the model misbehaves")
 
 
 def _release(version: str) -> tuple[int, ...]:

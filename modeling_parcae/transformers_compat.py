@@ -16,6 +16,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 
+# the newest release line the code is tested on (pyproject's ``transformers<5.26``; .ci/transformers_lane.py)
+NEWEST_SUPPORTED_TRANSFORMERS = (5, 25)
 # the name the installed release gives the KV cache: ``cache`` from 5.24, ``past_key_values`` before
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -55,4 +57,5 @@ def accepts_either_cache_name(forward: Callable) -> Callable:
     return wrapper
 
 
-__all__ = ["CACHE_NAME", "accepts_either_cache_name", "cache_field", "cache_of", "causal_mask"]
+__all__ = ["CACHE_NAME", "NEWEST_SUPPORTED_TRANSFORMERS", "accepts_either_cache_name", "cache_field", "cache_of",
+           "causal_mask"]

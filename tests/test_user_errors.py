@@ -178,6 +178,15 @@ def test_transformers_bookkeeping_keys_load_silently(tmp_path, caplog):
     assert _warnings(caplog) == ""
 
 
+def test_a_config_saved_by_any_supported_transformers_loads_silently_on_every_other(tmp_path, caplog):
+    """Within 5.16.1-5.25 a config means the same on each release: one saved on 5.25 loads without a word on 5.16."""
+    from modeling_parcae import ParcaeConfig
+
+    with caplog.at_level(logging.WARNING):
+        ParcaeConfig.from_pretrained(_demo_copy_with_config(tmp_path, transformers_version="5.25.0"))
+    assert _warnings(caplog) == ""
+
+
 @pytest.mark.parametrize("loader", ["ParcaeForCausalLM", "AutoModelForCausalLM"])
 def test_a_misspelt_from_pretrained_keyword_is_refused_naming_the_field_meant(loader):
     """Issue 36: `from_pretrained(path, num_loop=4)` was a bare TypeError from the model's __init__, while
