@@ -139,3 +139,23 @@ def test_labels_outside_the_vocabulary_name_the_labels(model, ids):
     labels[0, 2] = model.config.vocab_size + 5
     with pytest.raises(ValueError, match=r"labels \(other than -100\) must lie in \[0, vocab_size"):
         model(ids, labels=labels, num_loops=2)
+
+
+def test_the_float16_training_check_scans_the_parameters_once_per_entry_into_training_mode():
+    """``Trainer`` calls ``model.train()`` before every step: the scan of every parameter ran on each forward."""
+    model = tiny_model()
+    scans = []
+    named_parameters = model.named_parameters
+    model.named_parameters = lambda *args, **kwargs: scans.append(1) or named_parameters(*args, **kwargs)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    for _ in range(3):
+        model.train()
+        model(ids, labels=ids, num_loops=2).loss.backward()
+    assert len(scans) == 1
+    model.eval()
+    model.train()
+    model(ids, labels=ids, num_loops=2)
+    assert len(scans) == 2
+    model.half()
+    with pytest.raises(ValueError, match="trainable parameters are float16"):
+        model.eval().train()(ids, labels=ids, num_loops=2)
