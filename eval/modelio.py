@@ -18,11 +18,11 @@ def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "float
     with the Auto factories, and official ``parcae_lm`` checkpoints are converted once (explicitly, here)."""
     from transformers import AutoModelForCausalLM
 
-    from modeling_parcae.conversion.hub import load_tokenizer, maybe_convert_official
+    from modeling_parcae.conversion.hub import from_pretrained_or_official, load_tokenizer
 
-    source = maybe_convert_official(path) or path
-    with naming_damaged_weights(source):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype)).to(device).eval()
+    with naming_damaged_weights(path):  # for models other than Parcae's, whose from_pretrained names the file itself
+        model = from_pretrained_or_official(path, model_class=AutoModelForCausalLM, dtype=torch_dtype(dtype))
+    model = model.to(device).eval()
     tokenizer = load_tokenizer(path)
     return model, tokenizer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from conftest import GOLDEN
 
-from modeling_parcae import from_pretrained_or_official
+from modeling_parcae import ParcaeForCausalLM
 from modeling_parcae.cli import main as parcae_main
 
 
@@ -57,7 +57,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import modeling_parcae
-from modeling_parcae import ParcaeForCausalLM
+from modeling_parcae import from_pretrained_or_official
 from modeling_parcae.cli import main as parcae_main
 
 notices = []
