@@ -23,7 +23,7 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine; the default is sized for servers
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: one start less each
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: the serve lane (make test-serve) runs these tests")
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: the serve lane (make test-serve) runs them")
 
 from tokenizers import Tokenizer  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
