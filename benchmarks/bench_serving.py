@@ -143,7 +143,7 @@ def run_side(side: str, plan_path: Path, scratch: Path, threads: int, profile: s
     command = [sys.executable, "-P", __file__, "--side", side, "--plan", str(plan_path), "--result", str(result),
                "--threads", str(threads), *(["--profile-to", profile] if profile else [])]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return json.loads(result.read_text())
+    return {} if profile else json.loads(result.read_text())
 
 
 def shape_plan(sizes: dict, shape: str, scratch: Path) -> tuple[Path, int, list[dict]]:
