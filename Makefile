@@ -1,12 +1,13 @@
 # Idempotent entry points: `make demo` (set up, then the main job), `make test` (set up, then the suite but its slow
 # lanes), `make test-slow` (the slow lanes: multi-process training, golden CORE evaluation, the executable docs) and
-# `make test-versions` (the compact suite on every supported transformers release).
+# `make test-versions` (the compact suite on every supported transformers release) and `make test-serve` (vLLM serving
+# the demo, docs/serving.md).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test test-slow test-versions torch
+.PHONY: setup demo test test-slow test-versions test-serve torch
 
 setup: $(VENV)/.installed
 
@@ -33,12 +34,17 @@ demo: setup
 	$(BIN)/parcae generate --max-new-tokens 40 --compare-loops 1,2,4,8,16 "ROMEO:"
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow and not docs"
+	$(BIN)/python -m pytest -q -m "not slow and not docs and not serve"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m "slow or docs"
+	$(BIN)/python -m pytest -q -m "(slow or docs) and not serve"
 
 # The compact suite (marker `versions`) on every supported transformers release, each in its own environment cached
 # under $(PARCAE_ENV_CACHE) (default ~/.cache/parcae-transformers/envs); .ci/transformers_lane.py says how.
 test-versions: setup
 	$(BIN)/python .ci/transformers_lane.py
+
+# The tests marked `serve` (vLLM serving the demo) in a vLLM environment cached under $(PARCAE_ENV_CACHE); skipped with
+# a message where vLLM has no build for the machine, unless PARCAE_SERVE_REQUIRED=1 (.ci/serve_lane.py says how).
+test-serve: setup
+	$(BIN)/python .ci/serve_lane.py
