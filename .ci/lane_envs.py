@@ -51,6 +51,17 @@ def build_atomically(target: Path, build) -> Path:
     return target
 
 
+def run_marked_tests(env: Path, wheel: Path, marker: str, environment: dict[str, str]) -> bool:
+    """Install the checkout's wheel into ``env`` (without dependencies: the environment has them) and run the tests
+    marked ``marker`` there. ``-P``: ``python -m`` would put the checkout first on sys.path, shadowing the installed
+    package. Only the files that hold such tests are collected: others may import extras the environment lacks."""
+    pip(env, "--no-deps", "--force-reinstall", str(wheel))
+    files = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")
+                   if f"pytest.mark.{marker}" in path.read_text())
+    command = [str(env / "bin" / "python"), "-P", "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider", *files]
+    return subprocess.run(command, cwd=REPO, env={**os.environ, **environment}).returncode == 0
+
+
 def build_wheel(folder: Path) -> Path:
     """The checkout as a wheel. setuptools stages it in the ignored ``build/``, whose stale copies of deleted modules
     would go into the wheel: it starts empty."""

