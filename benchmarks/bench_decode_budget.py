@@ -7,7 +7,7 @@ the state readout (another d x d matmul). This benchmark switches each piece off
 weights; the numbers change, the work per step is what is measured) and times the step again:
 
 * ``ours``: the model as it is;
-* ``-qk_norm``: ``config.qk_norm = False``;
+* ``-qk_norm``: every attention's ``qk_norm = False``;
 * ``-value_embeddings``: no table lookups, no gate (every block's ``ve_gate`` and table key removed);
 * ``-injection_readout``: the additive injection ``u = h + e`` and an identity readout;
 * ``bare``: all three off: the Llama-shaped work that is left (interleaved RoPE and the input checks stay);
@@ -24,6 +24,7 @@ few dozen small kernels per block, and these pieces' kernel launches weigh most.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Iterator
@@ -61,10 +62,11 @@ def without(model, pieces: tuple[str, ...]) -> Iterator[None]:
         setattr(owner, name, value)
 
     if "qk_norm" in pieces:
-        swap(model.config, "qk_norm", False)
+        for block in (*base.prelude, *base.core, *base.coda):
+            swap(block.self_attn, "qk_norm", False)
     if "value_embeddings" in pieces:
         for block in (*base.prelude, *base.core, *base.coda):
-            swap(block, "value_embedding_key", None)
+            swap(block, "spec", dataclasses.replace(block.spec, value_embedding_key=None))
             swap(block.self_attn, "ve_gate", None)
     if "injection_readout" in pieces:
         swap(base, "injection", ParcaeAdditiveInjection(model.config))
