@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from bench_released_shapes import (
-    DTYPES, LoadLog, Ours, UnrolledLlama, machine_description, save_report, timed_call,
+    DTYPES, LoadLog, Ours, UnrolledLlama, add_shared_arguments, machine_description, machine_line, save_and_show,
+    timed_call,
 )
 from released_models import build_llama, build_parcae, executed_depth
 from modeling_parcae.modeling_parcae import ParcaeAdditiveInjection
@@ -141,27 +142,18 @@ def print_table(report: dict) -> None:
         print(f"| {row['preset']} | {row['dtype']} | {row['batch']} | {row['loops']} | {row['ours_over_llama']:.3f} | "
               + " | ".join(f"{100 * shares[p]:.1f}" for p in PIECES)
               + f" | {100 * shares['all three']:.1f} | {row['bare_over_llama']:.3f} |")
-    load = report["load"]
-    print(f"\nmachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-          f"{report['machine']['torch_threads']} torch threads; max 1-min load {load['max_loadavg_1min']:.2f} "
-          f"(loaded: {load['machine_loaded']}); {report['wall_seconds']:.0f} s")
+    print(machine_line(report))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["parcae-140m", "parcae-370m"])
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--loops", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--batches", nargs="+", type=int, default=[1])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and cell (median reported)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    add_shared_arguments(parser, RESULTS)
     args = parser.parse_args()
-    report = run(args)
-    save_report(report, args.output)
-    print_table(report)
-    print(f"wrote {args.output}")
-    return 0
+    return save_and_show(run(args), args.output, print_table)
 
 
 if __name__ == "__main__":

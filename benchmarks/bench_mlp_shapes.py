@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from bench_released_shapes import DTYPES, LoadLog, machine_description, save_report
+from bench_released_shapes import (
+    DTYPES, LoadLog, add_shared_arguments, machine_description, machine_line, save_and_show,
+)
 from released_models import llama_intermediate_size
 from modeling_parcae import load_preset
 from modeling_parcae.modeling_parcae import ParcaeMLP
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print("\n| dtype | B | ours us | llama us | ours/llama (paired) | ours up / act / down | llama gate / up / act / down |")
+    print("\n| dtype | B | ours us | llama us | ours/llama (paired) | ours up / act / down "
+          "| llama gate / up / act / down |")
     print("|---|---|---|---|---|---|---|")
     for row in report["results"]:
         part = {name: round(value) for name, value in row["parts_median_us"].items()}
@@ -112,26 +115,17 @@ def print_table(report: dict) -> None:
               f"{row['ours_over_llama']:.3f} ({row['ours_over_llama_paired']:.3f}) | "
               f"{part['ours_up']} / {part['ours_activation']} / {part['ours_down']} | "
               f"{part['llama_gate']} / {part['llama_up']} / {part['llama_activation']} / {part['llama_down']} |")
-    load = report["load"]
-    print(f"\nmachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-          f"{report['machine']['torch_threads']} torch threads; max 1-min load {load['max_loadavg_1min']:.2f} "
-          f"(loaded: {load['machine_loaded']}); {report['wall_seconds']:.0f} s")
+    print(machine_line(report))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="parcae-140m")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--rounds", type=int, default=60, help="timed rounds (each calls every instance of both kinds)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    add_shared_arguments(parser, RESULTS)
     args = parser.parse_args()
-    report = run(args)
-    save_report(report, args.output)
-    print_table(report)
-    print(f"wrote {args.output}")
-    return 0
+    return save_and_show(run(args), args.output, print_table)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,29 @@ def save_report(report: dict, path: Path) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
 
 
+def add_shared_arguments(parser: argparse.ArgumentParser, output: Path) -> None:
+    """``--dtypes``, ``--threads`` and ``--output``, as the benchmarks built on this one take them."""
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=output)
+
+
+def machine_line(report: dict) -> str:
+    """The line under a benchmark's table: the machine, how loaded it was, how long the run took."""
+    load, machine = report["load"], report["machine"]
+    return (f"\nmachine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads; "
+            f"max 1-min load {load['max_loadavg_1min']:.2f} (loaded: {load['machine_loaded']}); "
+            f"{report['wall_seconds']:.0f} s")
+
+
+def save_and_show(report: dict, path: Path, print_table: Callable[[dict], None]) -> int:
+    """Where a benchmark's ``main`` ends: the JSON saved, its table printed, and where it went."""
+    save_report(report, path)
+    print_table(report)
+    print(f"wrote {path}")
+    return 0
+
+
 def machine_description(threads: int) -> dict:
     model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                        if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
@@ -330,10 +353,7 @@ def print_table(report: dict) -> None:
                   for o in others]
         print(f"| {row['preset']} | {row['dtype']} | {row['mode']} | {row['batch']} | {row['loops']} | "
               + " | ".join(cells) + " |")
-    load = report["load"]
-    print(f"\nmachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-          f"{report['machine']['torch_threads']} torch threads; max 1-min load {load['max_loadavg_1min']:.2f} "
-          f"(loaded: {load['machine_loaded']}); {report['wall_seconds']:.0f} s")
+    print(machine_line(report))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -368,11 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
-    save_report(report, args.output)
-    print_table(report)
-    print(f"wrote {args.output}")
-    return 0
+    return save_and_show(run(args), args.output, print_table)
 
 
 if __name__ == "__main__":
